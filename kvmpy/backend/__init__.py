@@ -1,0 +1,93 @@
+"""The backend seam: the only syscalls kvmpy makes against a kernel.
+
+Everything above this package speaks :class:`Backend`; ``host.HostBackend`` issues real syscalls,
+``emu`` (the emulated KVM) answers the same requests with the same bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import mmap as _mmap
+import os
+from typing import Any
+
+# What an ioctl argument can be: an integer (passed as unsigned long), a ctypes object passed by
+# reference (struct or array), or nothing.
+IoctlArg = int | ctypes.Structure | ctypes.Union | ctypes.Array[Any] | None
+
+PROT_NONE = _mmap.PROT_NONE if hasattr(_mmap, "PROT_NONE") else 0
+PROT_READ = _mmap.PROT_READ
+PROT_WRITE = _mmap.PROT_WRITE
+MAP_SHARED = _mmap.MAP_SHARED
+MAP_PRIVATE = _mmap.MAP_PRIVATE
+MAP_ANONYMOUS = _mmap.MAP_ANONYMOUS
+MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000
+
+
+class Backend(abc.ABC):
+    """The narrow syscall interface (see docs/design.md, "The backend seam").
+
+    Every method raises ``OSError`` with the kernel's errno on failure; the object layer turns
+    that into :class:`kvmpy.errors.KvmError` naming the call.
+    """
+
+    #: "kvm" for the real kernel, "emu" for the emulated KVM.
+    name: str
+
+    @abc.abstractmethod
+    def open_kvm(self) -> int:
+        """Open the KVM system device; raises KvmUnavailable if it cannot."""
+
+    @abc.abstractmethod
+    def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
+        """ioctl(2): returns the non-negative result, raises OSError on -1."""
+
+    @abc.abstractmethod
+    def mmap(self, fd: int, length: int, prot: int, flags: int, offset: int = 0,
+             addr: int = 0) -> int:
+        """mmap(2): returns the mapping's address."""
+
+    @abc.abstractmethod
+    def munmap(self, addr: int, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def madvise(self, addr: int, length: int, advice: int) -> None: ...
+
+    @abc.abstractmethod
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def fstat(self, fd: int) -> os.stat_result: ...
+
+    @abc.abstractmethod
+    def read(self, fd: int, count: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def write(self, fd: int, data: bytes) -> int: ...
+
+    @abc.abstractmethod
+    def pread(self, fd: int, count: int, offset: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
+
+    @abc.abstractmethod
+    def close(self, fd: int) -> None: ...
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line naming the backend and the kernel behind it, for reports."""
+
+    @property
+    def is_real(self) -> bool:
+        return self.name == "kvm"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+def default_device() -> str:
+    """The KVM device path: $KVMPY_DEVICE or /dev/kvm."""
+    return os.environ.get("KVMPY_DEVICE", "/dev/kvm")

@@ -1,0 +1,137 @@
+"""The real-host backend: libc syscalls through ctypes.
+
+``fcntl.ioctl`` passes its integer argument as a C int (so large unsigned values overflow) and,
+given a bytes buffer, returns the buffer instead of the ioctl's result (KVM_CREATE_GUEST_MEMFD
+returns an fd), so ioctl goes straight to libc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+from ..errors import KvmUnavailable
+from . import Backend, IoctlArg, default_device
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _check(ret: int, what: str) -> int:
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def arg_pointer(arg: IoctlArg) -> int:
+    """The unsigned-long value an ioctl receives for ``arg``."""
+    if arg is None:
+        return 0
+    if isinstance(arg, int):
+        return arg & 0xFFFF_FFFF_FFFF_FFFF
+    return ctypes.addressof(arg)
+
+
+class HostBackend(Backend):
+    """Real syscalls against the running kernel's /dev/kvm."""
+
+    name = "kvm"
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device or default_device()
+
+    def open_kvm(self) -> int:
+        try:
+            return os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise KvmUnavailable(f"{self.device} does not exist (no KVM on this host, or "
+                                 "the kvm module is not loaded)") from e
+        except PermissionError as e:
+            raise KvmUnavailable(f"no permission to open {self.device} (add the user to "
+                                 "the kvm group or run as root)") from e
+        except OSError as e:
+            raise KvmUnavailable(f"cannot open {self.device}: {e.strerror}") from e
+
+    def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
+        ret = _libc.ioctl(fd, request, arg_pointer(arg))
+        return _check(ret, f"ioctl({request:#x})")
+
+    def mmap(self, fd: int, length: int, prot: int, flags: int, offset: int = 0,
+             addr: int = 0) -> int:
+        ret = _libc.mmap(addr or None, length, prot, flags, fd, offset)
+        if ret is None or ret == MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap: {os.strerror(err)}")
+        return int(ret)
+
+    def munmap(self, addr: int, length: int) -> None:
+        _check(_libc.munmap(addr, length), "munmap")
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        _check(_libc.madvise(addr, length, advice), "madvise")
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def read(self, fd: int, count: int) -> bytes:
+        return os.read(fd, count)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        return os.pread(fd, count, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def describe(self) -> str:
+        return f"real KVM ({kvm_module()}) on Linux {platform.release()}"
+
+
+def kvm_module() -> str:
+    """Which KVM vendor module is loaded (kvm_intel, kvm_amd, kvm_pvm, ...), from /sys/module."""
+    found = [m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
+             if os.path.isdir(f"/sys/module/{m}")]
+    if found:
+        return ",".join(found)
+    return "kvm" if os.path.isdir("/sys/module/kvm") else "no kvm module"
+
+
+def kvm_module_params() -> dict[str, str]:
+    """Parameters of the kvm module and the vendor module that matter for reports."""
+    out: dict[str, str] = {}
+    for mod in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm"):
+        pdir = f"/sys/module/{mod}/parameters"
+        for p in ("tdp_mmu", "ept", "npt", "nested", "enable_vmware_backdoor"):
+            try:
+                with open(os.path.join(pdir, p)) as f:
+                    out[f"{mod}.{p}"] = f.read().strip()
+            except OSError:
+                continue
+    return out
+
+
+__all__ = ["HostBackend", "arg_pointer", "kvm_module", "kvm_module_params"]

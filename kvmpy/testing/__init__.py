@@ -1,0 +1,1 @@
+"""Helpers the selftests share: backend selection, capability requirements, errno tables."""

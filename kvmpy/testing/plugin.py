@@ -1,0 +1,104 @@
+"""The kvmpy pytest plugin: backend selection, the force-KVM switch, and reporting.
+
+Options (each also an environment variable):
+  --backend {auto,kvm,emu,both}   KVMPY_BACKEND   which KVM the tests talk to
+  --require-kvm                   KVMPY_REQUIRE_KVM=1   a missing /dev/kvm fails instead of skipping
+Test ids end in [kvm] or [emu]; the report header names the backend(s) and kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterator
+
+import pytest
+
+from ..backend import Backend, default_device
+from ..backend.select import kvm_available, make_backend
+from ..errors import KvmUnavailable
+from ..system import Kvm
+
+BACKENDS = ("auto", "kvm", "emu", "both")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("kvmpy")
+    g.addoption("--backend", choices=BACKENDS, default=os.environ.get("KVMPY_BACKEND", "auto"),
+                help="KVM backend: auto (real if /dev/kvm opens, else emulated), kvm, emu, or "
+                     "both (each test on each). Env: KVMPY_BACKEND")
+    g.addoption("--require-kvm", action="store_true",
+                default=os.environ.get("KVMPY_REQUIRE_KVM", "") not in ("", "0"),
+                help="fail (not skip) when real KVM is wanted but /dev/kvm cannot be opened. "
+                     "Env: KVMPY_REQUIRE_KVM=1")
+
+
+def selected_backends(config: pytest.Config) -> list[str]:
+    choice = config.getoption("--backend")
+    if choice == "both":
+        return ["kvm", "emu"]
+    if choice == "auto":
+        ok, _ = kvm_available()
+        if ok or config.getoption("--require-kvm"):
+            return ["kvm"]
+        return ["emu"]
+    return [choice]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from ..backend.host import kvm_module, kvm_module_params
+
+    lines = [f"kvmpy backends: {', '.join(selected_backends(config))} "
+             f"(--backend {config.getoption('--backend')}); kernel {platform.release()}"]
+    ok, why = kvm_available()
+    if ok:
+        params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
+        lines.append(f"real KVM: {default_device()} module {kvm_module()} {params}".rstrip())
+    else:
+        lines.append(f"real KVM: unavailable ({why})")
+    return lines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_name" in metafunc.fixturenames:
+        names = selected_backends(metafunc.config)
+        metafunc.parametrize("backend_name", names, ids=names, scope="session")
+
+
+@pytest.fixture(scope="session")
+def backend(backend_name: str, request: pytest.FixtureRequest) -> Backend:
+    """The backend under test (real or emulated); skips or fails when it cannot be had."""
+    if backend_name == "kvm":
+        ok, why = kvm_available()
+        if not ok:
+            msg = f"real KVM unavailable: {why}"
+            if request.config.getoption("--require-kvm"):
+                pytest.fail(f"{msg} (--require-kvm / KVMPY_REQUIRE_KVM=1)", pytrace=False)
+            pytest.skip(msg)
+    try:
+        return make_backend(backend_name)
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def kvm(backend: Backend) -> Iterator[Kvm]:
+    """An open /dev/kvm (or emulated equivalent); closes everything created from it."""
+    try:
+        k = Kvm(backend)
+    except KvmUnavailable as e:
+        pytest.skip(str(e))
+    with k:
+        yield k
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every result carries the backend that produced it (JUnit properties, KTAP lines)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("backend_name") if callspec else None
+        if name:
+            kind = "real KVM" if name == "kvm" else "emulated KVM"
+            item.user_properties.append(("backend", name))
+            item.user_properties.append(("backend_description",
+                                         f"{kind} on Linux {platform.release()}"))

@@ -1,0 +1,297 @@
+"""ctypes mirrors of the KVM uapi structures used by kvmpy (x86_64 layouts).
+
+Sizes and offsets are pinned by tests/test_uapi_layout.py and cross-checked against the
+machine's installed headers by tests/test_uapi_drift.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
+from typing import Any
+
+
+class KvmStruct(ctypes.Structure):
+    """Base with a readable repr and byte helpers (the emulated backend decodes raw bytes)."""
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in self._fields_:
+            name = f[0]
+            if name.startswith("pad") or name in ("reserved", "padding"):
+                continue
+            parts.append(f"{name}={_fmt(getattr(self, name))}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def to_bytes(self) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self), ctypes.sizeof(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Any:
+        return cls.from_buffer_copy(data[: ctypes.sizeof(cls)])
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, int):
+        return hex(v) if v > 9 else str(v)
+    if isinstance(v, ctypes.Array):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v)
+
+
+class kvm_userspace_memory_region(KvmStruct):
+    _fields_ = [
+        ("slot", c_uint32),
+        ("flags", c_uint32),
+        ("guest_phys_addr", c_uint64),
+        ("memory_size", c_uint64),
+        ("userspace_addr", c_uint64),
+    ]
+
+
+class kvm_userspace_memory_region2(KvmStruct):
+    _fields_ = [
+        ("slot", c_uint32),
+        ("flags", c_uint32),
+        ("guest_phys_addr", c_uint64),
+        ("memory_size", c_uint64),
+        ("userspace_addr", c_uint64),
+        ("guest_memfd_offset", c_uint64),
+        ("guest_memfd", c_uint32),
+        ("pad1", c_uint32),
+        ("pad2", c_uint64 * 14),
+    ]
+
+
+class kvm_create_guest_memfd(KvmStruct):
+    _fields_ = [
+        ("size", c_uint64),
+        ("flags", c_uint64),
+        ("reserved", c_uint64 * 6),
+    ]
+
+
+class kvm_memory_attributes(KvmStruct):
+    _fields_ = [
+        ("address", c_uint64),
+        ("size", c_uint64),
+        ("attributes", c_uint64),
+        ("flags", c_uint64),
+    ]
+
+
+class kvm_pre_fault_memory(KvmStruct):
+    _fields_ = [
+        ("gpa", c_uint64),
+        ("size", c_uint64),
+        ("flags", c_uint64),
+        ("padding", c_uint64 * 5),
+    ]
+
+
+class kvm_enable_cap(KvmStruct):
+    _fields_ = [
+        ("cap", c_uint32),
+        ("flags", c_uint32),
+        ("args", c_uint64 * 4),
+        ("pad", c_uint8 * 64),
+    ]
+
+
+class kvm_regs(KvmStruct):
+    _fields_ = [
+        (name, c_uint64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+            "rip", "rflags",
+        )
+    ]
+
+
+class kvm_segment(KvmStruct):
+    _fields_ = [
+        ("base", c_uint64),
+        ("limit", c_uint32),
+        ("selector", c_uint16),
+        ("type", c_uint8),
+        ("present", c_uint8),
+        ("dpl", c_uint8),
+        ("db", c_uint8),
+        ("s", c_uint8),
+        ("l", c_uint8),
+        ("g", c_uint8),
+        ("avl", c_uint8),
+        ("unusable", c_uint8),
+        ("padding", c_uint8),
+    ]
+
+
+class kvm_dtable(KvmStruct):
+    _fields_ = [
+        ("base", c_uint64),
+        ("limit", c_uint16),
+        ("padding", c_uint16 * 3),
+    ]
+
+
+class kvm_sregs(KvmStruct):
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", c_uint64),
+        ("cr2", c_uint64),
+        ("cr3", c_uint64),
+        ("cr4", c_uint64),
+        ("cr8", c_uint64),
+        ("efer", c_uint64),
+        ("apic_base", c_uint64),
+        ("interrupt_bitmap", c_uint64 * 4),
+    ]
+
+
+class kvm_cpuid_entry2(KvmStruct):
+    _fields_ = [
+        ("function", c_uint32),
+        ("index", c_uint32),
+        ("flags", c_uint32),
+        ("eax", c_uint32),
+        ("ebx", c_uint32),
+        ("ecx", c_uint32),
+        ("edx", c_uint32),
+        ("padding", c_uint32 * 3),
+    ]
+
+
+class kvm_cpuid2(KvmStruct):
+    """Header only; use :func:`make_cpuid2` for a buffer with room for entries."""
+
+    _fields_ = [
+        ("nent", c_uint32),
+        ("padding", c_uint32),
+    ]
+
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+
+
+def make_cpuid2(nent: int) -> Any:
+    """A kvm_cpuid2 with a flexible array of ``nent`` kvm_cpuid_entry2."""
+
+    class kvm_cpuid2_n(KvmStruct):
+        _fields_ = [
+            ("nent", c_uint32),
+            ("padding", c_uint32),
+            ("entries", kvm_cpuid_entry2 * nent),
+        ]
+
+    buf = kvm_cpuid2_n()
+    buf.nent = nent
+    return buf
+
+
+class kvm_mp_state(KvmStruct):
+    _fields_ = [("mp_state", c_uint32)]
+
+
+# --- kvm_run and its exit union -------------------------------------------------
+
+
+class kvm_run_io(KvmStruct):
+    _fields_ = [
+        ("direction", c_uint8),
+        ("size", c_uint8),
+        ("port", c_uint16),
+        ("count", c_uint32),
+        ("data_offset", c_uint64),
+    ]
+
+
+class kvm_run_mmio(KvmStruct):
+    _fields_ = [
+        ("phys_addr", c_uint64),
+        ("data", c_uint8 * 8),
+        ("len", c_uint32),
+        ("is_write", c_uint8),
+    ]
+
+
+class kvm_run_hypercall(KvmStruct):
+    _fields_ = [
+        ("nr", c_uint64),
+        ("args", c_uint64 * 6),
+        ("ret", c_uint64),
+        # union { __u32 longmode; __u64 flags; }
+        ("flags", c_uint64),
+    ]
+
+
+class kvm_run_internal(KvmStruct):
+    _fields_ = [
+        ("suberror", c_uint32),
+        ("ndata", c_uint32),
+        ("data", c_uint64 * 16),
+    ]
+
+
+class kvm_run_memory_fault(KvmStruct):
+    _fields_ = [
+        ("flags", c_uint64),
+        ("gpa", c_uint64),
+        ("size", c_uint64),
+    ]
+
+
+class kvm_run_fail_entry(KvmStruct):
+    _fields_ = [
+        ("hardware_entry_failure_reason", c_uint64),
+        ("cpu", c_uint32),
+    ]
+
+
+class kvm_run_ex(KvmStruct):
+    _fields_ = [
+        ("exception", c_uint32),
+        ("error_code", c_uint32),
+    ]
+
+
+class kvm_run_exit(ctypes.Union):
+    _fields_ = [
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("hypercall", kvm_run_hypercall),
+        ("internal", kvm_run_internal),
+        ("memory_fault", kvm_run_memory_fault),
+        ("fail_entry", kvm_run_fail_entry),
+        ("ex", kvm_run_ex),
+        ("padding", c_uint8 * 256),
+    ]
+
+
+class kvm_run(KvmStruct):
+    _fields_ = [
+        ("request_interrupt_window", c_uint8),
+        ("immediate_exit", c_uint8),
+        ("padding1", c_uint8 * 6),
+        ("exit_reason", c_uint32),
+        ("ready_for_interrupt_injection", c_uint8),
+        ("if_flag", c_uint8),
+        ("flags", c_uint16),
+        ("cr8", c_uint64),
+        ("apic_base", c_uint64),
+        ("exit", kvm_run_exit),
+        ("kvm_valid_regs", c_uint64),
+        ("kvm_dirty_regs", c_uint64),
+        ("s", c_uint8 * 2048),
+    ]
+
+

@@ -1,0 +1,295 @@
+"""The vCPU object: a KVM_CREATE_VCPU fd, its mmap'd kvm_run, and decoded exits."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from typing import TYPE_CHECKING, Any
+
+from ._call import checked_ioctl, errno_ioctl
+from .backend import MAP_SHARED, PROT_READ, PROT_WRITE
+from .errors import KvmError
+from .memory import Mapping
+from .uapi import (
+    ExitReason,
+    Ioctl,
+    IoDirection,
+    MpState,
+    kvm_cpuid_entry2,
+    kvm_mp_state,
+    kvm_pre_fault_memory,
+    kvm_regs,
+    kvm_run,
+    kvm_sregs,
+    make_cpuid2,
+)
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+
+@dataclasses.dataclass(frozen=True)
+class IoExit:
+    direction: IoDirection
+    size: int
+    port: int
+    count: int
+    data_offset: int
+    #: For OUT: the bytes the guest wrote (size * count).
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class MmioExit:
+    phys_addr: int
+    data: bytes
+    len: int
+    is_write: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class HypercallExit:
+    nr: int
+    args: tuple[int, ...]
+    flags: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryFaultExit:
+    flags: int
+    gpa: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InternalExit:
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit:
+    """One KVM_RUN outcome, decoded from kvm_run.
+
+    ``errno`` is 0 for a normal return, EFAULT for KVM_EXIT_MEMORY_FAULT (KVM_RUN returns
+    -1/EFAULT with the exit filled in: api.rst 5. "KVM_EXIT_MEMORY_FAULT") and EINTR for a run
+    interrupted by a signal or immediate_exit (exit_reason KVM_EXIT_INTR).
+    """
+
+    reason: ExitReason | int
+    errno: int = 0
+    io: IoExit | None = None
+    mmio: MmioExit | None = None
+    hypercall: HypercallExit | None = None
+    memory_fault: MemoryFaultExit | None = None
+    internal: InternalExit | None = None
+    exception: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        name = ExitReason.name_of(int(self.reason))
+        detail = ""
+        if self.io:
+            detail = (f" {self.io.direction.name} port {self.io.port:#x} size {self.io.size}"
+                      f" count {self.io.count}")
+        elif self.mmio:
+            detail = (f" {'write' if self.mmio.is_write else 'read'} {self.mmio.phys_addr:#x} "
+                      f"len {self.mmio.len}")
+        elif self.hypercall:
+            detail = f" nr {self.hypercall.nr} args {[hex(a) for a in self.hypercall.args]}"
+        elif self.memory_fault:
+            mf = self.memory_fault
+            detail = f" flags {mf.flags:#x} gpa {mf.gpa:#x} size {mf.size:#x}"
+        elif self.internal:
+            detail = f" suberror {self.internal.suberror}"
+        return f"KVM_EXIT_{name}{detail}"
+
+
+class Vcpu:
+    """A vCPU fd and its kvm_run mapping."""
+
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
+        self.vm = vm
+        self.backend = vm.backend
+        self.fd = fd
+        self.id = vcpu_id
+        size = vm.kvm.get_vcpu_mmap_size()
+        try:
+            addr = self.backend.mmap(fd, size, PROT_READ | PROT_WRITE, MAP_SHARED, 0)
+        except OSError as e:
+            self.backend.close(fd)
+            raise KvmError(e.errno or 0, "mmap", f"kvm_run of vCPU {vcpu_id}") from None
+        self._map = Mapping(self.backend, addr, size, f"kvm_run of vCPU {vcpu_id}")
+        self.run_struct: kvm_run = kvm_run.from_address(addr)
+        self.last_exit: Exit | None = None
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.id} fd {self.fd} of {self.vm!r}>"
+
+    # --- running ------------------------------------------------------------------------
+    def run(self) -> Exit:
+        """KVM_RUN once and decode the exit.
+
+        KVM_EXIT_MEMORY_FAULT (-1/EFAULT) and KVM_EXIT_INTR (-1/EINTR) come back as exits;
+        any other failure raises KvmError.
+        """
+        err, _ = errno_ioctl(self.backend, self.fd, Ioctl.KVM_RUN)
+        reason = self.run_struct.exit_reason
+        if err and not (err == errno.EFAULT and reason == ExitReason.MEMORY_FAULT) \
+                and err != errno.EINTR:
+            raise KvmError(err, "KVM_RUN", f"vCPU {self.id}, exit_reason "
+                           f"{ExitReason.name_of(reason)}")
+        if err == errno.EINTR:
+            reason = ExitReason.INTR
+        ex = self._decode(reason, err)
+        self.last_exit = ex
+        return ex
+
+    def try_run(self) -> int:
+        """KVM_RUN returning the errno (0 on success)."""
+        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_RUN)[0]
+
+    def _decode(self, reason: int, err: int) -> Exit:
+        try:
+            r: ExitReason | int = ExitReason(reason)
+        except ValueError:
+            r = reason
+        u = self.run_struct.exit
+        if r == ExitReason.IO:
+            io = u.io
+            data = b""
+            if io.direction == IoDirection.OUT:
+                n = io.size * io.count
+                data = self._map.read(io.data_offset, n) if io.data_offset + n <= self._map.length else b""
+            return Exit(r, err, io=IoExit(IoDirection(io.direction), io.size, io.port,
+                                          io.count, io.data_offset, data))
+        if r == ExitReason.MMIO:
+            m = u.mmio
+            return Exit(r, err, mmio=MmioExit(m.phys_addr, bytes(m.data), m.len, bool(m.is_write)))
+        if r == ExitReason.HYPERCALL:
+            h = u.hypercall
+            return Exit(r, err, hypercall=HypercallExit(h.nr, tuple(h.args), h.flags))
+        if r == ExitReason.MEMORY_FAULT:
+            f = u.memory_fault
+            return Exit(r, err, memory_fault=MemoryFaultExit(f.flags, f.gpa, f.size))
+        if r == ExitReason.INTERNAL_ERROR:
+            i = u.internal
+            n = min(i.ndata, 16)
+            return Exit(r, err, internal=InternalExit(i.suberror, tuple(i.data[:n])))
+        if r == ExitReason.EXCEPTION:
+            return Exit(r, err, exception=(u.ex.exception, u.ex.error_code))
+        return Exit(r, err)
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self.run_struct.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.run_struct.immediate_exit = 1 if value else 0
+
+    def complete_io(self) -> None:
+        """Complete a pending PIO/MMIO exit without running the guest further: KVM_RUN with
+        immediate_exit set, which returns -EINTR (as the selftests' vcpu_run_complete_io)."""
+        self.immediate_exit = True
+        try:
+            err = self.try_run()
+        finally:
+            self.immediate_exit = False
+        if err != errno.EINTR:
+            raise KvmError(err or errno.EINVAL, "KVM_RUN",
+                           "immediate_exit to complete IO did not return EINTR")
+
+    def io_data(self) -> memoryview:
+        """The PIO data area (kvm_run + io.data_offset) for the current IO exit."""
+        io = self.run_struct.exit.io
+        n = io.size * io.count
+        return self._map.view()[io.data_offset: io.data_offset + n]
+
+    # --- registers ----------------------------------------------------------------------
+    def get_regs(self) -> kvm_regs:
+        r = kvm_regs()
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_REGS, r)
+        return r
+
+    def set_regs(self, regs: kvm_regs) -> None:
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> kvm_sregs:
+        s = kvm_sregs()
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_SREGS, s)
+        return s
+
+    def set_sregs(self, sregs: kvm_sregs) -> None:
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_SREGS, sregs)
+
+    def set_cpuid2(self, entries: list[kvm_cpuid_entry2]) -> None:
+        buf = make_cpuid2(len(entries))
+        for i, e in enumerate(entries):
+            buf.entries[i] = e
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_CPUID2, buf,
+                      f"{len(entries)} entries")
+
+    def get_mp_state(self) -> MpState | int:
+        s = kvm_mp_state()
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_MP_STATE, s)
+        try:
+            return MpState(s.mp_state)
+        except ValueError:
+            return int(s.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_MP_STATE, kvm_mp_state(int(state)))
+
+    # --- pre-fault ------------------------------------------------------------------------
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> kvm_pre_fault_memory:
+        """KVM_PRE_FAULT_MEMORY until the range is done, retrying EINTR/EAGAIN (api.rst 4.143).
+
+        Returns the final range (size 0 on success); raises KvmError with what is left on error.
+        """
+        r = kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
+        while True:
+            err, _ = errno_ioctl(self.backend, self.fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)
+            if err in (errno.EINTR, errno.EAGAIN):
+                continue
+            if err:
+                raise KvmError(err, "KVM_PRE_FAULT_MEMORY",
+                               f"gpa {gpa:#x} size {size:#x} flags {flags:#x}; left gpa "
+                               f"{r.gpa:#x} size {r.size:#x}")
+            if r.size == 0:
+                return r
+
+    def try_pre_fault_memory(self, r: kvm_pre_fault_memory) -> int:
+        """One KVM_PRE_FAULT_MEMORY call on ``r`` (updated in place); returns the errno."""
+        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)[0]
+
+    # --- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._map.close()
+            self.backend.close(self.fd)
+            self.fd = -1
+        if self in self.vm.vcpus:
+            self.vm.vcpus.remove(self)
+
+    def __enter__(self) -> Vcpu:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def rip_of(vcpu: Vcpu) -> int:
+    """The vCPU's RIP (for reports)."""
+    return int(vcpu.get_regs().rip)
+
+
+__all__ = [
+    "Exit",
+    "HypercallExit",
+    "InternalExit",
+    "IoExit",
+    "MemoryFaultExit",
+    "MmioExit",
+    "Vcpu",
+    "rip_of",
+]

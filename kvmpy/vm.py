@@ -1,0 +1,240 @@
+"""The VM object: a KVM_CREATE_VM fd, its memslots, guest_memfds and vCPUs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from ._call import checked_ioctl, errno_ioctl
+from .gmem import GuestMemfd
+from .system import _cap_name, _vm_type_name
+from .uapi import (
+    Ioctl,
+    MemFlag,
+    MemoryAttribute,
+    kvm_create_guest_memfd,
+    kvm_enable_cap,
+    kvm_memory_attributes,
+    kvm_userspace_memory_region,
+    kvm_userspace_memory_region2,
+)
+
+if TYPE_CHECKING:
+    from .system import Kvm
+    from .vcpu import Vcpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Memslot:
+    """What kvmpy last successfully installed in a slot (slot includes the as_id in bits 16+)."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd: GuestMemfd | None = None
+    guest_memfd_offset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.guest_phys_addr + self.memory_size
+
+    def __repr__(self) -> str:
+        fl = MemFlag(self.flags).name if 0 < self.flags < 8 else hex(self.flags)
+        g = f", gmem fd {self.guest_memfd.fd} +{self.guest_memfd_offset:#x}" if self.guest_memfd else ""
+        return (f"Memslot({self.slot}, {fl}, gpa {self.guest_phys_addr:#x}+"
+                f"{self.memory_size:#x}, hva {self.userspace_addr:#x}{g})")
+
+
+def _fd_of(gmem: GuestMemfd | int | None) -> int:
+    if gmem is None:
+        return 0
+    if isinstance(gmem, GuestMemfd):
+        return gmem.fd
+    return int(gmem)
+
+
+class Vm:
+    """A VM fd. Children (vCPUs, owned guest_memfds) close before it."""
+
+    def __init__(self, kvm: Kvm, fd: int, vm_type: int) -> None:
+        self.kvm = kvm
+        self.backend = kvm.backend
+        self.fd = fd
+        self.type = vm_type
+        self.memslots: dict[int, Memslot] = {}
+        self.vcpus: list[Vcpu] = []
+        self._gmems: list[GuestMemfd] = []
+
+    def __repr__(self) -> str:
+        return f"<Vm fd {self.fd} {_vm_type_name(self.type)} on {self.backend.name}>"
+
+    # --- capabilities -----------------------------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (answers for this VM type)."""
+        return checked_ioctl(self.backend, self.fd, Ioctl.KVM_CHECK_EXTENSION, int(cap),
+                             f"cap={_cap_name(cap)}")
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM fd."""
+        ec = self._enable_cap_struct(cap, args, flags)
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_ENABLE_CAP, ec)
+
+    def try_enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        ec = self._enable_cap_struct(cap, args, flags)
+        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_ENABLE_CAP, ec)[0]
+
+    @staticmethod
+    def _enable_cap_struct(cap: int, args: tuple[int, ...], flags: int) -> kvm_enable_cap:
+        ec = kvm_enable_cap(cap=int(cap), flags=flags)
+        for i, a in enumerate(args):
+            ec.args[i] = a
+        return ec
+
+    # --- memslots ---------------------------------------------------------------------
+    def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
+                               hva: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION (v1). size 0 deletes the slot."""
+        r = kvm_userspace_memory_region(slot, int(flags), gpa, size, hva)
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, r)
+        self._record(Memslot(slot, int(flags), gpa, size, hva))
+
+    def try_set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
+                                   hva: int) -> int:
+        r = kvm_userspace_memory_region(slot, int(flags), gpa, size, hva)
+        err = errno_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, r)[0]
+        if not err:
+            self._record(Memslot(slot, int(flags), gpa, size, hva))
+        return err
+
+    def set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
+                                guest_memfd: GuestMemfd | int | None = None,
+                                guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2. ``guest_memfd`` binds a slot to a guest_memfd (with
+        KVM_MEM_GUEST_MEMFD in flags); size 0 deletes the slot."""
+        r = self._region2(slot, flags, gpa, size, hva, guest_memfd, guest_memfd_offset)
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
+        self._record(self._memslot(r, guest_memfd))
+
+    def try_set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
+                                    guest_memfd: GuestMemfd | int | None = None,
+                                    guest_memfd_offset: int = 0) -> int:
+        r = self._region2(slot, flags, gpa, size, hva, guest_memfd, guest_memfd_offset)
+        err = errno_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)[0]
+        if not err:
+            self._record(self._memslot(r, guest_memfd))
+        return err
+
+    def delete_memslot(self, slot: int) -> None:
+        """Delete ``slot`` (KVM_SET_USER_MEMORY_REGION2 with size 0)."""
+        self.set_user_memory_region2(slot, 0, 0, 0, 0)
+
+    @staticmethod
+    def _region2(slot: int, flags: int, gpa: int, size: int, hva: int,
+                 gmem: GuestMemfd | int | None, off: int) -> kvm_userspace_memory_region2:
+        return kvm_userspace_memory_region2(
+            slot=slot, flags=int(flags), guest_phys_addr=gpa, memory_size=size,
+            userspace_addr=hva, guest_memfd_offset=off,
+            guest_memfd=_fd_of(gmem) & 0xFFFFFFFF)
+
+    @staticmethod
+    def _memslot(r: kvm_userspace_memory_region2, gmem: GuestMemfd | int | None) -> Memslot:
+        g = gmem if isinstance(gmem, GuestMemfd) and r.flags & MemFlag.GUEST_MEMFD else None
+        return Memslot(r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                       g, r.guest_memfd_offset if g else 0)
+
+    def _record(self, m: Memslot) -> None:
+        if m.memory_size == 0:
+            self.memslots.pop(m.slot, None)
+        else:
+            self.memslots[m.slot] = m
+
+    # --- guest_memfd and attributes ---------------------------------------------------
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD. The guest_memfd is closed with the VM unless
+        :meth:`disown` hands it to the caller."""
+        arg = kvm_create_guest_memfd(size=size, flags=int(flags))
+        fd = checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_GUEST_MEMFD, arg)
+        g = GuestMemfd(self.backend, fd, size, int(flags))
+        self._gmems.append(g)
+        return g
+
+    def try_create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """KVM_CREATE_GUEST_MEMFD returning the errno; on success the fd is closed at once."""
+        arg = kvm_create_guest_memfd(size=size & 0xFFFF_FFFF_FFFF_FFFF, flags=int(flags))
+        err, fd = errno_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_GUEST_MEMFD, arg)
+        if not err:
+            self.backend.close(fd)
+        return err
+
+    def disown(self, gmem: GuestMemfd) -> GuestMemfd:
+        """Stop closing ``gmem`` with this VM (to test that a guest_memfd outlives its VM fd)."""
+        if gmem in self._gmems:
+            self._gmems.remove(gmem)
+        return gmem
+
+    def set_memory_attributes(self, gpa: int, size: int,
+                              attributes: int = MemoryAttribute.PRIVATE, flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES over [gpa, gpa+size)."""
+        a = kvm_memory_attributes(gpa, size, int(attributes), flags)
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_MEMORY_ATTRIBUTES, a)
+
+    def try_set_memory_attributes(self, gpa: int, size: int,
+                                  attributes: int = MemoryAttribute.PRIVATE,
+                                  flags: int = 0) -> int:
+        a = kvm_memory_attributes(gpa & (2**64 - 1), size & (2**64 - 1), int(attributes), flags)
+        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_SET_MEMORY_ATTRIBUTES, a)[0]
+
+    def set_private(self, gpa: int, size: int) -> None:
+        self.set_memory_attributes(gpa, size, MemoryAttribute.PRIVATE)
+
+    def set_shared(self, gpa: int, size: int) -> None:
+        self.set_memory_attributes(gpa, size, MemoryAttribute.NONE)
+
+    # --- other VM ioctls --------------------------------------------------------------
+    def create_irqchip(self) -> None:
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_IRQCHIP)
+
+    def set_nr_mmu_pages(self, n: int) -> None:
+        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_NR_MMU_PAGES, n)
+
+    # --- vCPUs ------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
+        """KVM_CREATE_VCPU and mmap of its kvm_run."""
+        from .vcpu import Vcpu
+
+        if vcpu_id is None:
+            vcpu_id = len(self.vcpus)
+        fd = checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_VCPU, vcpu_id,
+                           f"vcpu_id={vcpu_id}")
+        v = Vcpu(self, fd, vcpu_id)
+        self.vcpus.append(v)
+        return v
+
+    # --- lifetime ---------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        """Close vCPUs and owned guest_memfds, then the VM fd."""
+        for v in list(self.vcpus):
+            v.close()
+        self.vcpus.clear()
+        for g in list(self._gmems):
+            g.close()
+        self._gmems.clear()
+        if self.fd >= 0:
+            self.backend.close(self.fd)
+            self.fd = -1
+        self.kvm._forget(self)
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Memslot", "Vm"]
