@@ -77,6 +77,12 @@ class Backend(abc.ABC):
     def close(self, fd: int) -> None: ...
 
     @abc.abstractmethod
+    def kick(self, vcpu_fd: int, thread_ident: int) -> None:
+        """Interrupt a KVM_RUN in progress on ``vcpu_fd`` in thread ``thread_ident`` the way a
+        signal does on real KVM: the run returns -1/EINTR with exit_reason KVM_EXIT_INTR.
+        A kick that lands while no KVM_RUN is in progress may be lost: callers repeat it."""
+
+    @abc.abstractmethod
     def describe(self) -> str:
         """One line naming the backend and the kernel behind it, for reports."""
 

@@ -11,6 +11,8 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import signal
+import threading
 
 from ..errors import KvmUnavailable
 from . import Backend, IoctlArg, default_device
@@ -48,6 +50,21 @@ def arg_pointer(arg: IoctlArg) -> int:
     return ctypes.addressof(arg)
 
 
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _install_kick_handler() -> None:
+    """A no-op Python handler for KICK_SIGNAL: CPython installs it without SA_RESTART, so a
+    KVM_RUN in the signalled thread returns EINTR instead of the process dying. Handlers can
+    only be installed from the main thread; HostBackend() does it there."""
+    if threading.current_thread() is not threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            raise RuntimeError("create a HostBackend in the main thread before kicking vCPUs")
+        return
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
 class HostBackend(Backend):
     """Real syscalls against the running kernel's /dev/kvm."""
 
@@ -55,6 +72,8 @@ class HostBackend(Backend):
 
     def __init__(self, device: str | None = None) -> None:
         self.device = device or default_device()
+        if threading.current_thread() is threading.main_thread():
+            _install_kick_handler()
 
     def open_kvm(self) -> int:
         try:
@@ -106,6 +125,11 @@ class HostBackend(Backend):
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def kick(self, vcpu_fd: int, thread_ident: int) -> None:
+        # A signal makes KVM_RUN return -EINTR (api.rst 4.10 KVM_RUN, "KVM_EXIT_INTR").
+        _install_kick_handler()
+        signal.pthread_kill(thread_ident, KICK_SIGNAL)
 
     def describe(self) -> str:
         return f"real KVM ({kvm_module()}) on Linux {platform.release()}"
