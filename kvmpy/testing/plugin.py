@@ -59,6 +59,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+# trylast: parametrize the backend after every other parametrization (markers included), so
+# that test ids end in [...-kvm] / [...-emu] as documented above.
+@pytest.hookimpl(trylast=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_name" in metafunc.fixturenames:
         names = selected_backends(metafunc.config)
