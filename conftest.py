@@ -1,3 +1,3 @@
-"""Loads the kvmpy pytest plugin for tests/ and selftests/."""
+"""Loads the kvmpy pytest plugins for tests/ and selftests/."""
 
-pytest_plugins = ["kvmpy.testing.plugin"]
+pytest_plugins = ["kvmpy.testing.plugin", "kvmpy.testing.ktap", "kvmpy.testing.health"]

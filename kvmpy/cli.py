@@ -32,6 +32,12 @@ def cmd_caps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvmpy", description="KVM guest_memfd / private memory "
                                 "test harness")
@@ -41,7 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backend", default="kvm", choices=["kvm", "emu"],
                    help="real KVM (default) or the emulated KVM")
     c.set_defaults(func=cmd_caps)
-    args = p.parse_args(argv)
+    r = sub.add_parser("run", allow_abbrev=False,
+                       help="run the selftests (pytest + xdist) with a header, progress and "
+                            "summary; JUnit/KTAP; kselftest exit codes",
+                       usage="kvmpy run [--backend B] [--junit PATH] [--ktap PATH] "
+                             "[--timeout S] [-n N] [pytest args...]",
+                       epilog="Exit: 0 pass, 1 fail, 4 all skipped, 5 no tests, 2 error. "
+                              "Plain pytest equivalents: docs/running.md")
+    from .run import add_arguments
+
+    add_arguments(r)
+    r.set_defaults(func=cmd_run)
+    args, extra = p.parse_known_args(argv)
+    if args.cmd == "run":
+        args.pytest_args = extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     rc: int = args.func(args)
     return rc
 

@@ -1,0 +1,298 @@
+"""``kvmpy run``: the suite as one command, the way kernel developers run kselftests.
+
+It runs pytest in-process on ``selftests/`` with pytest-xdist, replaces pytest's terminal output
+with a header (kernel, KVM module and parameters, VM types and guest_memfd flags of each
+backend), a live progress line and a summary naming every failed test, and exits like a
+kselftest: 0 all passed, 1 something failed, 4 everything was skipped (KSFT_SKIP).
+Other exits: 5 nothing was collected, 2 usage error/interrupted/internal error.
+
+Everything here is plain pytest underneath; docs/running.md lists the equivalent invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .testing.ktap import OUTCOMES, Result, Results
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_SKIP, EXIT_NO_TESTS = 0, 1, 2, 4, 5
+
+DEFAULT_TIMEOUT = 120  # kvm selftests' own `settings` file: timeout=120
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=os.environ.get("KVMPY_BACKEND", "auto"),
+                   choices=["auto", "kvm", "emu", "both"],
+                   help="real KVM, the emulated KVM, auto (real if /dev/kvm opens), or both")
+    p.add_argument("--junit", metavar="PATH", help="write JUnit XML (pytest --junitxml)")
+    p.add_argument("--ktap", metavar="PATH", help="write KTAP (kselftest format)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"per-test timeout in seconds, 0 = none (default {DEFAULT_TIMEOUT})")
+    p.add_argument("-n", "--numprocesses", dest="workers", type=int, default=None, metavar="N",
+                   help=f"parallel worker processes, 0 = none (default: CPUs up to 8, "
+                        f"here {default_workers()})")
+    # Everything else on the command line goes to pytest (paths, -k EXPR, -m MARK,
+    # --require-kvm, ...): the caller parses with parse_known_args.
+
+
+def _looks_like_path(arg: str) -> bool:
+    return not arg.startswith("-") and Path(arg.split("::")[0]).exists()
+
+
+def default_tests_path() -> str:
+    """selftests/ of the current directory, else of the source tree kvmpy was installed from."""
+    if Path("selftests").is_dir():
+        return "selftests"
+    repo = Path(__file__).resolve().parent.parent / "selftests"
+    return str(repo) if repo.is_dir() else "selftests"
+
+
+def pytest_args(args: argparse.Namespace) -> list[str]:
+    """The pytest command line ``kvmpy run`` amounts to (minus the terminal replacement)."""
+    extra = [a for a in args.pytest_args if a != "--"]
+    out: list[str] = []
+    if not any(_looks_like_path(a) for a in extra):
+        out.append(default_tests_path())
+    workers = default_workers() if args.workers is None else args.workers
+    out += ["-p", "kvmpy.testing.plugin", "-p", "kvmpy.testing.ktap", "-p", "kvmpy.testing.health",
+            "--backend", args.backend, f"--timeout={args.timeout:g}", "-n", str(workers)]
+    if args.junit:
+        out += [f"--junitxml={args.junit}"]
+    if args.ktap:
+        out += [f"--ktap={args.ktap}"]
+    return out + extra
+
+
+# -- header ------------------------------------------------------------------------------------
+
+def header_lines(backends: list[str], choice: str) -> list[str]:
+    """Kernel, KVM module and parameters, and per backend the VM types and guest_memfd flags."""
+    from .backend.host import kvm_module, kvm_module_params
+    from .backend.select import kvm_available, make_backend
+    from .caps import _flag_names, probe
+    from .errors import KvmError, KvmUnavailable
+
+    u = platform.uname()
+    lines = [f"kernel    Linux {u.release} {u.version} ({u.machine})",
+             f"backends  {', '.join(backends)} (--backend {choice})"]
+    ok, why = kvm_available()
+    if ok:
+        params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
+        lines.append(f"KVM       /dev/kvm, module {kvm_module()} {params}".rstrip())
+    else:
+        lines.append(f"KVM       unavailable: {why}")
+    for name in backends:
+        try:
+            rep = probe(make_backend(name))
+        except (KvmUnavailable, NotImplementedError, KvmError, OSError) as e:
+            lines.append(f"[{name}]     unavailable: {e}")
+            continue
+        flags = "|".join(_flag_names(rep.guest_memfd_flags)) or "none"
+        lines.append(f"[{name}]     {rep.backend}: VM types {', '.join(rep.vm_types) or 'none'}; "
+                     f"guest_memfd flags {rep.guest_memfd_flags:#x} ({flags})")
+    if "kvm" in backends:
+        from .testing.health import describe
+
+        lines.append(describe())
+    return lines
+
+
+# -- live progress -----------------------------------------------------------------------------
+
+class Progress:
+    """A pytest plugin living in the controller: counts results and draws the progress line."""
+
+    def __init__(self, console: Any, live: bool) -> None:
+        self.console = console
+        self.live = live
+        self.results = Results()
+        self.total = 0
+        self.last = ""
+        self.started = time.monotonic()
+        self._live: Any = None
+        self.noted: set[str] = set()
+
+    def _line(self) -> Any:
+        from rich.text import Text
+
+        c = self.results.counts()
+        done = sum(c.values())
+        t = Text()
+        t.append(f"[{done}/{self.total or '?'}] ")
+        t.append(f"pass {c['pass']} ", style="green")
+        t.append(f"fail {c['fail'] + c['error']} ", style="red" if c["fail"] + c["error"] else "")
+        t.append(f"skip {c['skip']} ", style="yellow")
+        if c["xfail"] or c["xpass"]:
+            t.append(f"xfail {c['xfail']} xpass {c['xpass']} ")
+        t.append(f"{time.monotonic() - self.started:.0f}s  ", style="dim")
+        t.append(self.last, style="dim")
+        return t
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._line())
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.live:
+            from rich.live import Live
+
+            self._live = Live(self._line(), console=self.console, refresh_per_second=4,
+                              transient=True)
+            self._live.start()
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.results.expect([i.nodeid for i in session.items])
+        self.total = len(self.results.order)
+        self._refresh()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: object, ids: list[str]) -> None:
+        self.results.expect(list(ids))
+        self.total = len(self.results.order)
+        self._refresh()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        r = self.results.add(report)
+        self.last = report.nodeid
+        if report.when == "teardown" or report.failed:
+            self._note(r)
+        self._refresh()
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self._note(self.results.add_collect_error(report))
+
+    def _note(self, r: Result) -> None:
+        from rich.markup import escape
+
+        # Failures are printed as they happen (above the live line); in a log, one line each.
+        if r.outcome in ("fail", "error") and r.nodeid not in self.noted:
+            self.noted.add(r.nodeid)
+            self.console.print(f"[red]{r.outcome.upper():5}[/] {escape(r.nodeid)}  "
+                               f"{escape(r.reason)}", highlight=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+# -- summary and exit code ---------------------------------------------------------------------
+
+def exit_code(counts: dict[str, int], pytest_rc: int) -> int:
+    if pytest_rc == pytest.ExitCode.NO_TESTS_COLLECTED:
+        return EXIT_NO_TESTS
+    if counts["fail"] or counts["error"]:
+        return EXIT_FAIL
+    if pytest_rc in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR,
+                     pytest.ExitCode.USAGE_ERROR):
+        return EXIT_ERROR
+    if pytest_rc == pytest.ExitCode.TESTS_FAILED:
+        return EXIT_FAIL
+    if counts["pass"] + counts["xfail"] + counts["xpass"] == 0 and counts["skip"]:
+        return EXIT_SKIP
+    return EXIT_PASS
+
+
+def print_summary(console: Any, results: Results, pytest_rc: int, elapsed: float,
+                  outputs: list[str]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    done = results.finished()
+    failed = [r for r in done if r.outcome in ("fail", "error")]
+    for r in failed:
+        console.rule(f"[red]{r.outcome.upper()}[/] {escape(r.nodeid)}", style="red")
+        detail = r.detail.strip().splitlines()
+        if len(detail) > 60:
+            detail = [f"... ({len(detail) - 60} lines above)", *detail[-60:]]
+        console.print("\n".join(detail) or r.reason, markup=False, highlight=False)
+    skips = Counter(r.reason for r in done if r.outcome == "skip")
+    if skips:
+        console.rule("skipped (reason: count)", style="yellow")
+        for reason, n in skips.most_common():
+            console.print(f"{n:4}  {reason}", markup=False, highlight=False)
+
+    backends = sorted({r.backend for r in done}, key=lambda b: (b == "", b))
+    t = Table(title=f"results ({elapsed:.1f} s)", title_justify="left")
+    t.add_column("backend")
+    for o in OUTCOMES:
+        t.add_column(o, justify="right")
+    for b in backends:
+        c = results.counts(b)
+        t.add_row(escape(f"[{b}]") if b else "(no backend)", *(str(c[o]) for o in OUTCOMES))
+    if len(backends) > 1:
+        c = results.counts()
+        t.add_row("all", *(str(c[o]) for o in OUTCOMES))
+    console.print(t)
+    if failed:
+        console.print(f"[red bold]{len(failed)} failed:[/]")
+        for r in failed:
+            console.print(f"  {escape(r.nodeid)}  [dim]{escape(r.reason)}[/]", highlight=False,
+                          soft_wrap=True)
+    not_run = [n for n in results.order if not results.by_id[n].outcome]
+    if not_run:
+        console.print(f"[red]{len(not_run)} collected test(s) did not run "
+                      f"(pytest exit {int(pytest_rc)})[/]")
+    if pytest_rc == pytest.ExitCode.NO_TESTS_COLLECTED:
+        console.print("[red]no tests were collected[/]")
+    for o in outputs:
+        console.print(f"wrote {o}", highlight=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .backend.select import kvm_available
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    argv = pytest_args(args)
+    # Header before pytest starts: a broken KVM should be visible even if collection fails.
+    # (The same choice as kvmpy.testing.plugin.selected_backends.)
+    if args.backend == "both":
+        backends = ["kvm", "emu"]
+    elif args.backend == "auto":
+        backends = ["kvm" if kvm_available()[0] or "--require-kvm" in argv else "emu"]
+    else:
+        backends = [args.backend]
+    console.rule("kvmpy run")
+    for line in header_lines(backends, args.backend):
+        console.print(line, markup=False, highlight=False)
+    console.print("pytest " + " ".join(argv), markup=False, highlight=False, style="dim")
+
+    progress = Progress(console, live=console.is_terminal)
+    start = time.monotonic()
+    try:
+        # pytest's terminal reporter is replaced by ours; JUnit/KTAP/xdist work without it.
+        rc = pytest.main(["-p", "no:terminal", "-p", "no:cacheprovider", *argv],
+                         plugins=[progress])
+    finally:
+        progress.stop()
+    elapsed = time.monotonic() - start
+    outputs = [p for p in (args.junit, args.ktap) if p]
+    print_summary(console, progress.results, rc, elapsed, outputs)
+    code = exit_code(progress.results.counts(), rc)
+    if rc == pytest.ExitCode.USAGE_ERROR:
+        console.print("[red]pytest rejected the arguments (run the pytest command above to see "
+                      "why)[/]")
+    console.print(f"exit {code} ({_meaning(code)})", highlight=False)
+    return code
+
+
+def _meaning(code: int) -> str:
+    return {EXIT_PASS: "pass", EXIT_FAIL: "fail", EXIT_SKIP: "all skipped (KSFT_SKIP)",
+            EXIT_NO_TESTS: "no tests collected",
+            EXIT_ERROR: "interrupted, internal or usage error"}.get(code, "?")
