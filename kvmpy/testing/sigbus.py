@@ -109,9 +109,9 @@ def touch(addr: int, length: int, *, write: bool, value: int = 0xAA, step: int =
     completed = bool(offs) and offs[-1] == _DONE
     if completed:
         offs.pop()
-    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    return ChildResult(sig, code, tuple(offs), completed, timed_out)
+    killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    exitcode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    return ChildResult(killed_by, exitcode, tuple(offs), completed, timed_out)
 
 
 def _drain(fd: int, into: bytearray) -> None:
