@@ -1,0 +1,366 @@
+"""EmuBackend: the Backend seam answered by an in-process emulated KVM.
+
+Requests are the real ioctl numbers (kvmpy.uapi.Ioctl); struct arguments are read from and
+written to the caller's memory by address, as the kernel's copy_from_user/copy_to_user do
+(process_vm_readv/writev: a bad pointer is EFAULT, never a crash). Every emulated object is a
+real, unique fd (a memfd); the table fd -> object is checked against the fd's inode on every
+use, so an fd closed behind the backend's back and reused is treated as foreign. Foreign fds
+get the real syscall.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+from ...errors import NotModelled
+from ...uapi import (
+    KVMIO,
+    PAGE_SIZE,
+    Cap,
+    Ioctl,
+    kvm_cpuid_entry2,
+    kvm_create_guest_memfd,
+    kvm_enable_cap,
+    kvm_memory_attributes,
+    kvm_pre_fault_memory,
+    kvm_userspace_memory_region,
+    kvm_userspace_memory_region2,
+)
+from .. import Backend, IoctlArg
+from ..host import arg_pointer
+from ._libc import (
+    copy_from_user,
+    copy_to_user,
+    libc_fallocate,
+    libc_ioctl,
+    libc_madvise,
+    libc_mmap,
+    libc_munmap,
+)
+from .gmem import EmuGmem
+from .memslots import RegionArgs
+from .profiles import VCPU_MMAP_SIZE, Profile, get_profile
+from .system import EmuSystem, get_supported_cpuid
+from .vm import EmuVm, VcpuLike
+
+MADV_COLLAPSE = 25
+MAP_SHARED = 0x01
+
+
+@dataclass
+class EmuVcpuFd:
+    """A vCPU fd: the memfd holding kvm_run, the emulator's own mapping of it, the EmuVcpu."""
+
+    vm: EmuVm
+    vcpu_id: int
+    run_addr: int
+    vcpu: VcpuLike
+
+
+_Obj = EmuSystem | EmuVm | EmuGmem | EmuVcpuFd
+
+
+def _ioc_type(request: int) -> int:
+    return (request >> 8) & 0xFF
+
+
+class EmuBackend(Backend):
+    """The emulated KVM. ``profile``: "upstream" (default), "6.12", "host", or a Profile."""
+
+    name = "emu"
+
+    def __init__(self, profile: str | Profile = "upstream") -> None:
+        self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
+        self._lock = threading.Lock()
+        self._fds: dict[int, tuple[_Obj, int, int]] = {}
+        # Address ranges of guest_memfd mappings (for madvise), [start, end).
+        self._gmem_maps: list[tuple[int, int]] = []
+
+    # --- fd table ------------------------------------------------------------------------------
+    def _register(self, fd: int, obj: _Obj) -> int:
+        st = os.fstat(fd)
+        with self._lock:
+            self._fds[fd] = (obj, st.st_dev, st.st_ino)
+        return fd
+
+    def _lookup(self, fd: int) -> _Obj | None:
+        ent = self._fds.get(fd)
+        if ent is None:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != (ent[1], ent[2]):
+            # Closed (and perhaps reused) without going through close(): forget it.
+            with self._lock:
+                if self._fds.get(fd) is ent:
+                    del self._fds[fd]
+            return None
+        return ent[0]
+
+    def _gmem(self, fd: int) -> EmuGmem | None:
+        obj = self._lookup(fd)
+        return obj if isinstance(obj, EmuGmem) and not obj.closed else None
+
+    def object_of(self, fd: int) -> object | None:
+        """The emulated object behind ``fd`` (EmuSystem, EmuVm, EmuGmem, EmuVcpuFd) or None."""
+        return self._lookup(fd)
+
+    # --- Backend -------------------------------------------------------------------------------
+    def open_kvm(self) -> int:
+        fd = os.memfd_create("kvm-emu-system", os.MFD_CLOEXEC)
+        return self._register(fd, EmuSystem(self.profile))
+
+    def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
+        addr = arg_pointer(arg)
+        request &= 0xFFFF_FFFF
+        obj = self._lookup(fd)
+        if obj is None:
+            return libc_ioctl(fd, request, addr)
+        if isinstance(obj, EmuVcpuFd):
+            if request == Ioctl.KVM_PRE_FAULT_MEMORY:
+                return self._pre_fault(obj, addr)
+            return obj.vcpu.ioctl(request, addr)
+        if isinstance(obj, EmuGmem):
+            # kvm_gmem_fops has no unlocked_ioctl.
+            raise OSError(errno.ENOTTY, "guest_memfd has no ioctls")
+        if _ioc_type(request) != KVMIO:
+            raise OSError(errno.ENOTTY, f"ioctl {request:#x} is not a KVM ioctl")
+        if isinstance(obj, EmuSystem):
+            return self._system_ioctl(obj, request, addr)
+        return self._vm_ioctl(obj, request, addr)
+
+    def _system_ioctl(self, sysobj: EmuSystem, request: int, arg: int) -> int:
+        p = sysobj.profile
+        if request == Ioctl.KVM_GET_API_VERSION:
+            if arg:
+                raise OSError(errno.EINVAL, "KVM_GET_API_VERSION takes no argument")
+            return sysobj.api_version()
+        if request == Ioctl.KVM_CHECK_EXTENSION:
+            return p.cap(arg)
+        if request == Ioctl.KVM_GET_VCPU_MMAP_SIZE:
+            if arg:
+                raise OSError(errno.EINVAL, "KVM_GET_VCPU_MMAP_SIZE takes no argument")
+            return VCPU_MMAP_SIZE
+        if request == Ioctl.KVM_CREATE_VM:
+            # kvm_arch_init_vm(): the type must be offered in KVM_CAP_VM_TYPES.
+            if arg >= 32 or not p.vm_types & (1 << arg):
+                raise OSError(errno.EINVAL, f"VM type {arg} not supported")
+            vm = EmuVm(arg, p, self._gmem)
+            fd = os.memfd_create("kvm-emu-vm", os.MFD_CLOEXEC)
+            return self._register(fd, vm)
+        if request == Ioctl.KVM_GET_SUPPORTED_CPUID:
+            (nent,) = struct.unpack("<I", copy_from_user(arg, 4))
+            entries = get_supported_cpuid(p, nent)
+            size = ctypes.sizeof(kvm_cpuid_entry2)
+            blob = b"".join(kvm_cpuid_entry2(*e).to_bytes() for e in entries)
+            assert len(blob) == size * len(entries)
+            copy_to_user(arg + 8, blob)
+            copy_to_user(arg, struct.pack("<I", len(entries)))
+            return 0
+        raise NotModelled(f"{Ioctl.name_of(request)} on /dev/kvm is not modelled by the "
+                          f"emulated KVM")
+
+    def _vm_ioctl(self, vm: EmuVm, request: int, arg: int) -> int:
+        if request == Ioctl.KVM_CHECK_EXTENSION:
+            return vm.check_extension(arg)
+        if request in (Ioctl.KVM_SET_USER_MEMORY_REGION, Ioctl.KVM_SET_USER_MEMORY_REGION2):
+            v2 = request == Ioctl.KVM_SET_USER_MEMORY_REGION2
+            if v2:
+                r2 = kvm_userspace_memory_region2.from_buffer_copy(
+                    copy_from_user(arg, ctypes.sizeof(kvm_userspace_memory_region2)))
+                args = RegionArgs(r2.slot, r2.flags, r2.guest_phys_addr, r2.memory_size,
+                                  r2.userspace_addr, r2.guest_memfd_offset, r2.guest_memfd)
+            else:
+                r1 = kvm_userspace_memory_region.from_buffer_copy(
+                    copy_from_user(arg, ctypes.sizeof(kvm_userspace_memory_region)))
+                args = RegionArgs(r1.slot, r1.flags, r1.guest_phys_addr, r1.memory_size,
+                                  r1.userspace_addr)
+            vm.set_memory_region(args, v2)
+            return 0
+        if request == Ioctl.KVM_SET_MEMORY_ATTRIBUTES:
+            if not vm.profile.memory_attributes_ioctl:
+                raise OSError(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES is not built in")
+            a = kvm_memory_attributes.from_buffer_copy(
+                copy_from_user(arg, ctypes.sizeof(kvm_memory_attributes)))
+            vm.set_memory_attributes(a.address, a.size, a.attributes, a.flags)
+            return 0
+        if request == Ioctl.KVM_CREATE_GUEST_MEMFD:
+            if not vm.profile.cap(Cap.GUEST_MEMFD):
+                raise OSError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD is not built in")
+            c = kvm_create_guest_memfd.from_buffer_copy(
+                copy_from_user(arg, ctypes.sizeof(kvm_create_guest_memfd)))
+            g = vm.create_gmem(c.size, c.flags)
+            return self._register(g.fd, g)
+        if request == Ioctl.KVM_ENABLE_CAP:
+            ec = kvm_enable_cap.from_buffer_copy(copy_from_user(arg, ctypes.sizeof(kvm_enable_cap)))
+            vm.enable_cap(ec.cap, ec.flags, list(ec.args))
+            return 0
+        if request == Ioctl.KVM_CREATE_VCPU:
+            return self._create_vcpu(vm, arg)
+        if request == Ioctl.KVM_CREATE_IRQCHIP:
+            vm.create_irqchip()
+            return 0
+        if request == Ioctl.KVM_SET_NR_MMU_PAGES:
+            vm.set_nr_mmu_pages(arg)
+            return 0
+        if request == Ioctl.KVM_SET_TSS_ADDR:
+            vm.set_tss_addr(arg)
+            return 0
+        raise NotModelled(f"{Ioctl.name_of(request)} on a VM fd is not modelled by the "
+                          f"emulated KVM")
+
+    def _create_vcpu(self, vm: EmuVm, vcpu_id: int) -> int:
+        vm.reserve_vcpu_id(vcpu_id)
+        try:
+            from .vcpu import EmuVcpu  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as e:
+            vm.release_vcpu_id(vcpu_id)
+            raise NotModelled("KVM_CREATE_VCPU: vCPUs are not available in the emulated KVM "
+                              f"(kvmpy.backend.emu.vcpu could not be imported: {e})") from e
+        fd = os.memfd_create("kvm-emu-vcpu", os.MFD_CLOEXEC)
+        run_addr = 0
+        try:
+            os.ftruncate(fd, VCPU_MMAP_SIZE)
+            run_addr = libc_mmap(0, VCPU_MMAP_SIZE, 3, MAP_SHARED, fd, 0)
+            vcpu: VcpuLike = EmuVcpu(vm, vcpu_id, run_addr, VCPU_MMAP_SIZE)
+        except BaseException:
+            if run_addr:
+                libc_munmap(run_addr, VCPU_MMAP_SIZE)
+            os.close(fd)
+            vm.release_vcpu_id(vcpu_id)
+            raise
+        with vm.lock:
+            vm.vcpus.append(vcpu)
+        return self._register(fd, EmuVcpuFd(vm, vcpu_id, run_addr, vcpu))
+
+    def _pre_fault(self, v: EmuVcpuFd, arg: int) -> int:
+        """KVM_PRE_FAULT_MEMORY: the leftover range is copied back even on failure."""
+        r = kvm_pre_fault_memory.from_buffer_copy(
+            copy_from_user(arg, ctypes.sizeof(kvm_pre_fault_memory)))
+        err, r.gpa, r.size = v.vm.pre_fault(r.gpa, r.size, r.flags, v.run_addr)
+        copy_to_user(arg, r.to_bytes())
+        if err:
+            raise OSError(err, f"KVM_PRE_FAULT_MEMORY: {os.strerror(err)}")
+        return 0
+
+    # --- files ---------------------------------------------------------------------------------
+    def mmap(self, fd: int, length: int, prot: int, flags: int, offset: int = 0,
+             addr: int = 0) -> int:
+        obj = self._lookup(fd) if fd >= 0 else None
+        if obj is None or isinstance(obj, EmuVcpuFd):
+            return libc_mmap(addr, length, prot, flags, fd, offset)
+        if isinstance(obj, EmuGmem):
+            a = obj.mmap(length, prot, flags, offset, addr)
+            with self._lock:
+                self._gmem_maps.append((a, a + _page_up(length)))
+            return a
+        # /dev/kvm and VM fds have no mmap.
+        raise OSError(errno.ENODEV, "this KVM fd cannot be mmap'd")
+
+    def munmap(self, addr: int, length: int) -> None:
+        libc_munmap(addr, length)
+        end = addr + _page_up(length)
+        with self._lock:
+            out: list[tuple[int, int]] = []
+            for s, e in self._gmem_maps:
+                if e <= addr or s >= end:
+                    out.append((s, e))
+                    continue
+                if s < addr:
+                    out.append((s, addr))
+                if e > end:
+                    out.append((end, e))
+            self._gmem_maps = out
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        if advice == MADV_COLLAPSE:
+            end = addr + length
+            if any(s < end and addr < e for s, e in self._gmem_maps):
+                # A guest_memfd VMA is not eligible for khugepaged collapse.
+                raise OSError(self.profile.gmem_collapse_errno,
+                              "madvise(MADV_COLLAPSE) on a guest_memfd mapping")
+        libc_madvise(addr, length, advice)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        obj = self._lookup(fd)
+        if obj is None:
+            libc_fallocate(fd, mode, offset, length)
+            return
+        if isinstance(obj, EmuGmem):
+            obj.fallocate(mode, offset, length)
+            return
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "fallocate: offset < 0 or len <= 0")
+        # KVM's anonymous-inode fds are neither regular files nor block devices.
+        raise OSError(errno.ENODEV, "fallocate on a KVM fd")
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def _rw_refused(self, fd: int) -> bool:
+        obj = self._lookup(fd)
+        if obj is None:
+            return False
+        err = self.profile.gmem_rw_errno if isinstance(obj, EmuGmem) else errno.EINVAL
+        raise OSError(err, "KVM fds cannot be read or written")
+
+    def read(self, fd: int, count: int) -> bytes:
+        self._rw_refused(fd)
+        return os.read(fd, count)
+
+    def write(self, fd: int, data: bytes) -> int:
+        self._rw_refused(fd)
+        return os.write(fd, data)
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        self._rw_refused(fd)
+        return os.pread(fd, count, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        self._rw_refused(fd)
+        return os.pwrite(fd, data, offset)
+
+    def close(self, fd: int) -> None:
+        obj = self._lookup(fd)
+        if obj is not None:
+            with self._lock:
+                self._fds.pop(fd, None)
+            if isinstance(obj, EmuGmem):
+                obj.release()
+            elif isinstance(obj, EmuVcpuFd):
+                # The kernel keeps the vCPU until the VM dies; it can no longer be reached.
+                with obj.vm.lock:
+                    if obj.vcpu in obj.vm.vcpus:
+                        obj.vm.vcpus.remove(obj.vcpu)
+                obj.vcpu.close()
+                libc_munmap(obj.run_addr, VCPU_MMAP_SIZE)
+        os.close(fd)
+
+    def kick(self, vcpu_fd: int, thread_ident: int) -> None:
+        obj = self._lookup(vcpu_fd)
+        if not isinstance(obj, EmuVcpuFd):
+            raise OSError(errno.EBADF, f"fd {vcpu_fd} is not an emulated vCPU")
+        obj.vcpu.kick()
+
+    def describe(self) -> str:
+        try:
+            from importlib.metadata import version
+
+            uc = f"vCPUs on unicorn {version('unicorn')}"
+        except Exception:
+            uc = "no unicorn"
+        return f"emulated KVM (profile {self.profile.name}: {self.profile.description}; {uc})"
+
+
+def _page_up(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+__all__ = ["EmuBackend", "EmuVcpuFd"]

@@ -1,0 +1,142 @@
+"""guest_memfd files of the emulated KVM (api.rst 4.141 KVM_CREATE_GUEST_MEMFD).
+
+The file the caller holds is a real memfd (os.memfd_create) whose bytes at offset o ARE the
+guest_memfd's private contents at o, so the vCPU maps it and punch-holes zero it for real.
+File semantics follow virt/kvm/guest_memfd.c: fallocate needs FALLOC_FL_KEEP_SIZE and allows
+only PUNCH_HOLE besides, page-aligned ranges, allocation inside i_size; no read/write; mmap only
+with GUEST_MEMFD_FLAG_MMAP and MAP_SHARED; host faults SIGBUS unless the memory is shared.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from ...uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    PAGE_SIZE,
+    GuestMemfdFlag,
+)
+from ._libc import libc_fallocate, libc_mmap
+
+if TYPE_CHECKING:
+    from .vm import EmuMemslot, EmuVm
+
+# include/uapi/linux/falloc.h: modes vfs_fallocate knows (KEEP_SIZE, PUNCH_HOLE,
+# COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE, UNSHARE_RANGE, WRITE_ZEROES).
+FALLOC_FL_SUPPORTED_MASK = 0x01 | 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80
+LLONG_MAX = (1 << 63) - 1
+MAP_TYPE = 0x0F
+MAP_SHARED = 0x01
+MAP_SHARED_VALIDATE = 0x03
+
+
+class EmuGmem:
+    """One guest_memfd: ``fd`` (the real memfd), ``size``, ``flags`` and its ``vm``.
+
+    Holding ``vm`` keeps the VM alive after its fd closes (the kernel's file takes a reference
+    on the kvm in __kvm_gmem_create()). ``bindings`` maps a memslot key (as_id << 16 | id) to
+    the bound slot; the slot records gmem_offset and size.
+    """
+
+    def __init__(self, vm: EmuVm, size: int, flags: int) -> None:
+        self.vm = vm
+        self.size = size
+        self.flags = flags
+        self.fd = os.memfd_create("kvm-gmem", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.bindings: dict[int, EmuMemslot] = {}
+        self.closed = False
+        self._sigbus_fd = -1
+
+    def __repr__(self) -> str:
+        return f"<EmuGmem fd {self.fd} size {self.size:#x} flags {self.flags:#x}>"
+
+    # --- binding bookkeeping (under vm.lock) -------------------------------------------------
+    def overlaps(self, offset: int, size: int) -> bool:
+        """Whether [offset, offset+size) intersects an existing binding (kvm_gmem_bind)."""
+        end = offset + size
+        return any(s.gmem_offset < end and offset < s.gmem_offset + s.size
+                   for s in self.bindings.values())
+
+    def bound_gpa_ranges(self, offset: int, end: int) -> list[tuple[int, int]]:
+        """GPA ranges of bindings that map file range [offset, end)."""
+        out = []
+        for s in self.bindings.values():
+            lo = max(offset, s.gmem_offset)
+            hi = min(end, s.gmem_offset + s.size)
+            if lo < hi:
+                out.append((s.gpa + lo - s.gmem_offset, s.gpa + hi - s.gmem_offset))
+        return out
+
+    # --- file operations ---------------------------------------------------------------------
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with vfs_fallocate()'s generic checks, then kvm_gmem_fallocate()."""
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "fallocate: offset < 0 or len <= 0")
+        if mode & ~FALLOC_FL_SUPPORTED_MASK:
+            raise OSError(errno.EOPNOTSUPP, "fallocate: unknown mode bits")
+        if offset + length > LLONG_MAX:
+            raise OSError(errno.EFBIG, "fallocate: offset + len beyond s_maxbytes")
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, "guest_memfd fallocate needs FALLOC_FL_KEEP_SIZE")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise OSError(errno.EOPNOTSUPP, "guest_memfd allows only KEEP_SIZE|PUNCH_HOLE")
+        if offset % PAGE_SIZE or length % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "guest_memfd fallocate: offset/len not page aligned")
+        end = offset + length
+        with self.vm.lock:
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                # kvm_gmem_punch_hole(): zap the bound GPAs, then truncate the page cache.
+                # A hole past i_size is a no-op success.
+                ranges = self.bound_gpa_ranges(offset, end)
+                if offset < self.size:
+                    libc_fallocate(self.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                                   offset, min(end, self.size) - offset)
+                for lo, hi in ranges:
+                    self.vm.invalidate(lo, hi)
+                return
+            # kvm_gmem_allocate(): the range must lie inside the file.
+            if end > self.size:
+                raise OSError(errno.EINVAL, "guest_memfd allocation past i_size")
+            libc_fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+            for lo, hi in self.bound_gpa_ranges(offset, end):
+                self.vm.invalidate(lo, hi)
+
+    def mmap(self, length: int, prot: int, flags: int, offset: int, addr: int) -> int:
+        """kvm_gmem_mmap(): ENODEV without GUEST_MEMFD_FLAG_MMAP, EINVAL unless MAP_SHARED.
+
+        Host faults on memory that is not shared SIGBUS (kvm_gmem_fault_user_mapping(): a
+        file without GUEST_MEMFD_FLAG_INIT_SHARED has no shared pages); pages past i_size
+        SIGBUS as for any file. The first is modelled by mapping an empty memfd instead of
+        the contents, the second by the memfd's own size.
+        """
+        if not self.flags & GuestMemfdFlag.MMAP:
+            raise OSError(self.vm.profile.gmem_mmap_noflag_errno,
+                          "mmap of a guest_memfd without GUEST_MEMFD_FLAG_MMAP")
+        if flags & MAP_TYPE not in (MAP_SHARED, MAP_SHARED_VALIDATE):
+            raise OSError(errno.EINVAL, "guest_memfd can only be mapped MAP_SHARED")
+        if self.flags & GuestMemfdFlag.INIT_SHARED:
+            return libc_mmap(addr, length, prot, flags, self.fd, offset)
+        return libc_mmap(addr, length, prot, flags, self.sigbus_fd(), offset)
+
+    def sigbus_fd(self) -> int:
+        """An empty memfd: every page of a shared mapping of it raises SIGBUS when touched."""
+        if self._sigbus_fd < 0:
+            self._sigbus_fd = os.memfd_create("kvm-gmem-private", os.MFD_CLOEXEC)
+        return self._sigbus_fd
+
+    def release(self) -> None:
+        """The last reference to the file went away (kvm_gmem_release()): bound slots lose their
+        guest_memfd (private accesses then fault), the VM reference is dropped."""
+        if self.closed:
+            return
+        self.closed = True
+        vm = self.vm
+        with vm.lock:
+            vm.unbind_gmem(self)
+        if self._sigbus_fd >= 0:
+            os.close(self._sigbus_fd)
+            self._sigbus_fd = -1

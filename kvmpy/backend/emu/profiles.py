@@ -1,0 +1,372 @@
+"""Kernel profiles: what the emulated KVM presents (caps, VM types, guest_memfd flags, errnos).
+
+A profile is data, never a version check scattered through the code: everything that differs
+between kernels lives here. ``upstream`` models 6.18+ with KVM_X86_SW_PROTECTED_VM built in and
+the TDP MMU enabled; ``6.12`` models v6.12 (no guest_memfd mmap, gmem binding only on VM types
+with private memory, EINVAL for overlapping guest_memfd bindings); ``host`` mirrors this
+machine's real KVM, probed at run time through HostBackend (see :func:`probe_host`).
+
+KVM_CHECK_EXTENSION answers only for the capabilities in :data:`MODELLED_CAPS`; every other
+capability is 0, so tests needing it skip exactly as on a kernel without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import functools
+import os
+from collections.abc import Mapping
+
+from ...uapi import (
+    Cap,
+    GuestMemfdFlag,
+    Ioctl,
+    MemFlag,
+    MemoryAttribute,
+    VmType,
+    kvm_create_guest_memfd,
+    kvm_memory_attributes,
+    kvm_pre_fault_memory,
+    kvm_userspace_memory_region,
+    kvm_userspace_memory_region2,
+)
+
+#: VM types the emulator can run (KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM).
+MODELLED_VM_TYPES = (1 << VmType.DEFAULT) | (1 << VmType.SW_PROTECTED)
+
+#: Capabilities whose semantics the emulator implements. Everything else answers 0.
+MODELLED_CAPS: frozenset[int] = frozenset({
+    Cap.IRQCHIP, Cap.HLT, Cap.USER_MEMORY, Cap.SET_TSS_ADDR, Cap.EXT_CPUID, Cap.NR_VCPUS,
+    Cap.NR_MEMSLOTS, Cap.SYNC_MMU, Cap.MAX_VCPUS, Cap.READONLY_MEM, Cap.CHECK_EXTENSION_VM,
+    Cap.IMMEDIATE_EXIT, Cap.EXIT_HYPERCALL, Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO,
+    Cap.MEMORY_ATTRIBUTES, Cap.GUEST_MEMFD, Cap.VM_TYPES, Cap.PRE_FAULT_MEMORY,
+    Cap.GUEST_MEMFD_FLAGS,
+    # X86_SMM / MULTI_ADDRESS_SPACE: modelled as absent (one address space, no SMM).
+    Cap.X86_SMM, Cap.MULTI_ADDRESS_SPACE,
+})
+
+KVM_HC_MAP_GPA_RANGE_BIT = 1 << 12
+KVM_USER_MEM_SLOTS = 32764          # x86: KVM_MEM_SLOTS_NUM (32767) - 3 private slots
+KVM_MAX_VCPUS = 1024
+KVM_MAX_VCPU_IDS = 4096
+KVM_MAX_CPUID_ENTRIES = 256
+VCPU_MMAP_SIZE = 3 * 4096           # kvm_run page, PIO data page, coalesced MMIO page
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """One kernel as the emulator presents it."""
+
+    name: str
+    description: str
+    #: KVM_CAP_VM_TYPES (only modelled types).
+    vm_types: int
+    #: KVM_CHECK_EXTENSION on /dev/kvm.
+    system_caps: Mapping[int, int]
+    #: KVM_CHECK_EXTENSION on a VM fd, per VM type.
+    vm_caps: Mapping[int, Mapping[int, int]]
+    #: Valid KVM_CREATE_GUEST_MEMFD flags per VM type (api.rst 4.141).
+    gmem_flags: Mapping[int, int]
+    #: VM types whose memslots accept KVM_MEM_GUEST_MEMFD (6.12: private-memory VMs only).
+    gmem_slot_vm_types: int
+    #: False: KVM_SET_MEMORY_ATTRIBUTES is not compiled in (ENOTTY).
+    memory_attributes_ioctl: bool
+    #: Binding a guest_memfd range that overlaps an existing binding (EINVAL up to 6.18,
+    #: EEXIST in newer upstream).
+    gmem_overlap_errno: int
+    #: read/write/pread/pwrite on a guest_memfd (no read_iter/write_iter: EINVAL).
+    gmem_rw_errno: int = errno.EINVAL
+    #: mmap of a guest_memfd created without GUEST_MEMFD_FLAG_MMAP.
+    gmem_mmap_noflag_errno: int = errno.ENODEV
+    #: madvise(MADV_COLLAPSE) on a guest_memfd mapping.
+    gmem_collapse_errno: int = errno.EINVAL
+    #: KVM_PRE_FAULT_MEMORY when the VM cannot pre-fault (cap 0) but the ioctl exists.
+    pre_fault_absent_errno: int = errno.EOPNOTSUPP
+    #: kvm_mmu_max_gfn(): memslots must end below 1 << max_gpa_bits.
+    max_gpa_bits: int = 52
+    #: Whether a guest_memfd slot may pass userspace_addr 0 (not validated by KVM at all).
+    extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def cap(self, cap: int, vm_type: int | None = None) -> int:
+        """KVM_CHECK_EXTENSION answer (0 for anything not modelled)."""
+        if cap not in MODELLED_CAPS:
+            return 0
+        table = self.system_caps if vm_type is None else self.vm_caps.get(vm_type, {})
+        return int(table.get(cap, 0))
+
+    def nr_memslots(self) -> int:
+        return self.cap(Cap.NR_MEMSLOTS) or KVM_USER_MEM_SLOTS
+
+
+def _upstream() -> Profile:
+    base: dict[int, int] = {
+        Cap.IRQCHIP: 1, Cap.HLT: 1, Cap.USER_MEMORY: 1, Cap.SET_TSS_ADDR: 1,
+        Cap.EXT_CPUID: 1, Cap.NR_VCPUS: min(os.cpu_count() or 1, KVM_MAX_VCPUS),
+        Cap.NR_MEMSLOTS: KVM_USER_MEM_SLOTS, Cap.SYNC_MMU: 1, Cap.MAX_VCPUS: KVM_MAX_VCPUS,
+        Cap.READONLY_MEM: 1, Cap.CHECK_EXTENSION_VM: 1, Cap.IMMEDIATE_EXIT: 1,
+        # api.rst 7.37 KVM_CAP_EXIT_HYPERCALL: bitmask of hypercalls that can exit.
+        Cap.EXIT_HYPERCALL: KVM_HC_MAP_GPA_RANGE_BIT,
+        Cap.USER_MEMORY2: 1, Cap.MEMORY_FAULT_INFO: 1, Cap.GUEST_MEMFD: 1,
+        Cap.VM_TYPES: MODELLED_VM_TYPES,
+        # x86 reports PRE_FAULT_MEMORY with the TDP MMU (tdp_enabled).
+        Cap.PRE_FAULT_MEMORY: 1,
+    }
+    both = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    # kvm_supported_mem_attributes(): PRIVATE when kvm is NULL (/dev/kvm) or the VM has
+    # private memory. INIT_SHARED is refused for VMs with private memory
+    # (kvm_arch_supports_gmem_init_shared() is !kvm_arch_has_private_mem() on x86).
+    system: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: int(MemoryAttribute.PRIVATE),
+                              Cap.GUEST_MEMFD_FLAGS: both}
+    default_vm: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: 0, Cap.GUEST_MEMFD_FLAGS: both}
+    sw_vm: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: int(MemoryAttribute.PRIVATE),
+             Cap.GUEST_MEMFD_FLAGS: int(GuestMemfdFlag.MMAP)}
+    return Profile(
+        name="upstream",
+        description="upstream 6.18+ (SW_PROTECTED VMs, memory attributes, guest_memfd "
+                    "MMAP|INIT_SHARED, EXIT_HYPERCALL, PRE_FAULT_MEMORY)",
+        vm_types=MODELLED_VM_TYPES,
+        system_caps=system,
+        vm_caps={int(VmType.DEFAULT): default_vm, int(VmType.SW_PROTECTED): sw_vm},
+        gmem_flags={VmType.DEFAULT: both, VmType.SW_PROTECTED: int(GuestMemfdFlag.MMAP)},
+        gmem_slot_vm_types=MODELLED_VM_TYPES,
+        memory_attributes_ioctl=True,
+        # set_memory_region_test (newest upstream) expects EEXIST for overlapping bindings.
+        gmem_overlap_errno=errno.EEXIST,
+        max_gpa_bits=46,
+    )
+
+
+def _v6_12() -> Profile:
+    up = _upstream()
+    system = {k: v for k, v in up.system_caps.items() if k != Cap.GUEST_MEMFD_FLAGS}
+    default_vm = {k: v for k, v in up.vm_caps[VmType.DEFAULT].items()
+                  if k != Cap.GUEST_MEMFD_FLAGS}
+    # 6.12: KVM_CAP_GUEST_MEMFD is "!kvm || kvm_arch_has_private_mem(kvm)".
+    default_vm[Cap.GUEST_MEMFD] = 0
+    sw_vm = {k: v for k, v in up.vm_caps[VmType.SW_PROTECTED].items()
+             if k != Cap.GUEST_MEMFD_FLAGS}
+    return dataclasses.replace(
+        up, name="6.12",
+        description="v6.12 (SW_PROTECTED VMs, memory attributes; no guest_memfd flags)",
+        system_caps=system,
+        vm_caps={VmType.DEFAULT: default_vm, VmType.SW_PROTECTED: sw_vm},
+        gmem_flags={VmType.DEFAULT: 0, VmType.SW_PROTECTED: 0},
+        gmem_slot_vm_types=1 << VmType.SW_PROTECTED,
+        gmem_overlap_errno=errno.EINVAL,
+    )
+
+
+PROFILES = ("upstream", "6.12", "host")
+
+
+def get_profile(name: str) -> Profile:
+    """A profile by name: "upstream" (default), "6.12", or "host" (probes /dev/kvm)."""
+    if name == "upstream":
+        return _upstream()
+    if name == "6.12":
+        return _v6_12()
+    if name == "host":
+        return probe_host()
+    raise ValueError(f"unknown emulator profile {name!r} (one of {', '.join(PROFILES)})")
+
+
+# --- probing the real KVM -------------------------------------------------------------------
+
+
+class HostProbeError(RuntimeError):
+    """The host profile could not be probed (no usable /dev/kvm)."""
+
+
+@functools.lru_cache(maxsize=1)
+def probe_host() -> Profile:
+    """Mirror this machine's KVM: caps on /dev/kvm and per VM type, valid guest_memfd flags,
+    whether GUEST_MEMFD slots bind, the overlap errno, attribute ioctl presence, max GPA."""
+    from ...errors import KvmUnavailable
+    from ..host import HostBackend
+
+    hb = HostBackend()
+    try:
+        kfd = hb.open_kvm()
+    except KvmUnavailable as e:
+        raise HostProbeError(f"the 'host' emulator profile probes real KVM: {e}") from e
+
+    def io(fd: int, req: int, arg: object = None) -> tuple[int, int]:
+        try:
+            return 0, hb.ioctl(fd, req, arg)  # type: ignore[arg-type]
+        except OSError as e:
+            return e.errno or 0, -1
+
+    try:
+        system = {int(c): max(io(kfd, Ioctl.KVM_CHECK_EXTENSION, int(c))[1], 0)
+                  for c in MODELLED_CAPS}
+        vm_types = (system.get(Cap.VM_TYPES, 0) or 1) & MODELLED_VM_TYPES
+        system[Cap.VM_TYPES] = vm_types if system.get(Cap.VM_TYPES) else 0
+        vm_caps: dict[int, dict[int, int]] = {}
+        gmem_flags: dict[int, int] = {}
+        slot_types = 0
+        extra: dict[str, str] = {}
+        overlap = errno.EINVAL
+        attrs_ioctl = True
+        rw_errno = errno.EINVAL
+        noflag_errno = errno.ENODEV
+        collapse_errno = errno.EINVAL
+        prefault_errno = errno.EOPNOTSUPP
+        max_bits = 52
+        for t in VmType.from_mask(vm_types):
+            err, vfd = io(kfd, Ioctl.KVM_CREATE_VM, int(t))
+            if err:
+                continue
+            try:
+                caps = {int(c): max(io(vfd, Ioctl.KVM_CHECK_EXTENSION, int(c))[1], 0)
+                        for c in MODELLED_CAPS}
+                vm_caps[int(t)] = caps
+                flags = 0
+                if caps.get(Cap.GUEST_MEMFD):
+                    for bit in range(64):
+                        e2, g = io(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD,
+                                   kvm_create_guest_memfd(size=4096, flags=1 << bit))
+                        if not e2:
+                            flags |= 1 << bit
+                            os.close(g)
+                gmem_flags[int(t)] = flags
+                if caps.get(Cap.GUEST_MEMFD):
+                    ok, ov, rw, nf, col = _probe_gmem_binding(hb, vfd, flags)
+                    if ok:
+                        slot_types |= 1 << t
+                        overlap = ov
+                    rw_errno, noflag_errno = rw, nf
+                    if col is not None:
+                        collapse_errno = col
+                a = kvm_memory_attributes(0, 0, 0, 0)
+                if io(vfd, Ioctl.KVM_SET_MEMORY_ATTRIBUTES, a)[0] == errno.ENOTTY:
+                    attrs_ioctl = False
+                if t == VmType.DEFAULT:
+                    max_bits = _probe_max_gpa_bits(io, vfd)
+                    pe = _probe_pre_fault(io, vfd)
+                    if pe:
+                        prefault_errno = pe
+            finally:
+                os.close(vfd)
+    finally:
+        os.close(kfd)
+    extra["module"] = ",".join(m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
+                               if os.path.isdir(f"/sys/module/{m}")) or "kvm"
+    return Profile(
+        name="host",
+        description=f"mirror of this machine's KVM ({extra['module']}, probed)",
+        vm_types=vm_types,
+        system_caps=system,
+        vm_caps=vm_caps,
+        gmem_flags=gmem_flags,
+        gmem_slot_vm_types=slot_types,
+        memory_attributes_ioctl=attrs_ioctl,
+        gmem_overlap_errno=overlap,
+        gmem_rw_errno=rw_errno,
+        gmem_mmap_noflag_errno=noflag_errno,
+        gmem_collapse_errno=collapse_errno,
+        pre_fault_absent_errno=prefault_errno,
+        max_gpa_bits=max_bits,
+        extra=extra,
+    )
+
+
+_PROBE_HVA = 0x7F00_0000_0000   # page aligned, below TASK_SIZE; KVM never touches it here
+
+
+def _probe_gmem_binding(hb: object, vfd: int, flags: int
+                        ) -> tuple[bool, int, int, int, int | None]:
+    """(GUEST_MEMFD slots bind, overlap errno, read errno, mmap-without-MMAP errno,
+    MADV_COLLAPSE errno or None)."""
+    from ..host import HostBackend
+
+    assert isinstance(hb, HostBackend)
+    g = hb.ioctl(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd(size=4 * 4096))
+    try:
+        try:
+            os.read(g, 8)
+            rw = 0
+        except OSError as e:
+            rw = e.errno or 0
+        try:
+            hb.munmap(hb.mmap(g, 4096, 3, 1), 4096)
+            noflag = 0
+        except OSError as e:
+            noflag = e.errno or 0
+
+        def region(slot: int, gpa: int, off: int) -> int:
+            r = kvm_userspace_memory_region2(slot=slot, flags=MemFlag.GUEST_MEMFD,
+                                             guest_phys_addr=gpa, memory_size=2 * 4096,
+                                             userspace_addr=_PROBE_HVA,
+                                             guest_memfd_offset=off, guest_memfd=g)
+            try:
+                hb.ioctl(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
+                return 0
+            except OSError as e:
+                return e.errno or 0
+
+        if region(0, 1 << 32, 0):
+            return False, errno.EINVAL, rw, noflag, None
+        overlap = region(1, (1 << 32) + (1 << 20), 4096)
+        for slot, gpa in ((0, 1 << 32), (1, (1 << 32) + (1 << 20))):
+            r = kvm_userspace_memory_region2(slot=slot, guest_phys_addr=gpa)
+            try:
+                hb.ioctl(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
+            except OSError:
+                pass
+    finally:
+        os.close(g)
+    collapse: int | None = None
+    mm = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    if flags & mm == mm:
+        g = hb.ioctl(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd(size=2 << 20,
+                                                                                flags=mm))
+        try:
+            addr = hb.mmap(g, 2 << 20, 3, 1)
+            try:
+                hb.madvise(addr, 2 << 20, 25)  # MADV_COLLAPSE
+                collapse = 0
+            except OSError as e:
+                collapse = e.errno or 0
+            finally:
+                hb.munmap(addr, 2 << 20)
+        finally:
+            os.close(g)
+    return True, overlap, rw, noflag, collapse
+
+
+def _probe_max_gpa_bits(io: object, vfd: int) -> int:
+    """The largest b such that a one-page slot ending at 1 << b is accepted."""
+    def ok(bits: int) -> bool:
+        r = kvm_userspace_memory_region(slot=0, flags=0,
+                                        guest_phys_addr=(1 << bits) - 4096,
+                                        memory_size=4096, userspace_addr=_PROBE_HVA)
+        err = io(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION, r)[0]  # type: ignore[operator]
+        if not err:
+            d = kvm_userspace_memory_region(slot=0, guest_phys_addr=(1 << bits) - 4096)
+            io(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION, d)  # type: ignore[operator]
+        return not err
+
+    best = 32
+    for bits in range(33, 65):
+        if ok(bits):
+            best = bits
+    return best
+
+
+def _probe_pre_fault(io: object, vfd: int) -> int:
+    """The errno of a valid KVM_PRE_FAULT_MEMORY on a fresh vCPU with no memslot."""
+    err, cfd = io(vfd, Ioctl.KVM_CREATE_VCPU, 0)  # type: ignore[operator]
+    if err:
+        return 0
+    try:
+        r = kvm_pre_fault_memory(gpa=0, size=4096)
+        e, _ = io(cfd, Ioctl.KVM_PRE_FAULT_MEMORY, ctypes.pointer(r).contents)  # type: ignore[operator]
+        return int(e)
+    finally:
+        os.close(cfd)
+
+
+__all__ = ["MODELLED_CAPS", "PROFILES", "HostProbeError", "Profile", "get_profile",
+           "probe_host"]

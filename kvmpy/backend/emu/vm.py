@@ -1,0 +1,289 @@
+"""The emulated VM: memslots, memory attributes, guest_memfds, enabled caps, vCPUs.
+
+This is the object the vCPU side (vcpu.py) resolves guest-physical memory through; see
+notes in docs/emulator.md. Everything here runs under ``lock``; ``invalidate`` is called after
+every change that makes KVM zap SPTEs (memslot changes, attribute changes, guest_memfd
+punch-holes), and tells every vCPU to drop its mappings of that GPA range.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from ...uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Cap,
+    ExitReason,
+    MemoryAttribute,
+    MemoryExitFlag,
+    kvm_run,
+)
+from ._libc import libc_fallocate
+from .attributes import AttributeMap
+from .gmem import EmuGmem
+from .memslots import EmuMemslot, RegionArgs, is_private_vm, set_memory_region
+from .profiles import KVM_MAX_VCPU_IDS, Profile
+
+KVM_MIN_ALLOC_MMU_PAGES = 64
+
+
+class VcpuLike(Protocol):
+    """What the core needs from emu-vcpu's EmuVcpu (docs: emu-contract)."""
+
+    def ioctl(self, request: int, arg: int) -> int: ...
+    def invalidate(self, gpa_lo: int, gpa_hi: int) -> None: ...
+    def kick(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class EmuVm:
+    """One KVM_CREATE_VM instance.
+
+    Public attributes used by the vCPU side: ``lock``, ``type``, ``profile``,
+    ``exit_hypercall_mask``, ``vcpus``, ``memory_version``, ``memslots``, ``irqchip``;
+    methods ``find_memslot``, ``is_private``, ``invalidate``.
+    """
+
+    #: One address space: SMM (as_id 1) is not modelled (KVM_CAP_MULTI_ADDRESS_SPACE = 0).
+    nr_address_spaces = 1
+
+    def __init__(self, vm_type: int, profile: Profile,
+                 gmem_lookup: Callable[[int], EmuGmem | None]) -> None:
+        self.lock = threading.RLock()
+        self.type = vm_type
+        self.profile = profile
+        self.exit_hypercall_mask = 0
+        self.vcpus: list[VcpuLike] = []
+        self.vcpu_ids: set[int] = set()
+        self.created_vcpus = 0
+        self.memory_version = 0
+        self.memslots: dict[int, EmuMemslot] = {}
+        self.attributes = AttributeMap()
+        self.irqchip = False
+        self.nr_mmu_pages = 0
+        self.tss_addr: int | None = None
+        self._gmem_lookup = gmem_lookup
+        # Address space 0, sorted by gpa, for find_memslot().
+        self._slots0: list[EmuMemslot] = []
+        self._starts0: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"<EmuVm type {self.type} profile {self.profile.name}>"
+
+    # --- lookups for the vCPU side -------------------------------------------------------------
+    def find_memslot(self, gpa: int) -> EmuMemslot | None:
+        """The address-space-0 memslot containing ``gpa``."""
+        i = bisect.bisect_right(self._starts0, gpa) - 1
+        if i >= 0:
+            s = self._slots0[i]
+            if gpa < s.gpa + s.size:
+                return s
+        return None
+
+    def is_private(self, gpa: int) -> bool:
+        """KVM_MEMORY_ATTRIBUTE_PRIVATE set on the gfn of ``gpa`` (kvm_mem_is_private())."""
+        return self.attributes.is_private(gpa >> PAGE_SHIFT)
+
+    def invalidate(self, gpa_lo: int, gpa_hi: int) -> None:
+        """Zap [gpa_lo, gpa_hi) in every vCPU (what KVM's MMU invalidation does)."""
+        with self.lock:
+            self.memory_version += 1
+            vcpus = list(self.vcpus)
+        for v in vcpus:
+            v.invalidate(gpa_lo, gpa_hi)
+
+    # --- memslots ------------------------------------------------------------------------------
+    def backend_gmem(self, fd: int) -> EmuGmem | None:
+        return self._gmem_lookup(fd)
+
+    def add_memslot(self, s: EmuMemslot) -> None:
+        self.memslots[s.key] = s
+        if s.as_id == 0:
+            i = bisect.bisect_right(self._starts0, s.gpa)
+            self._starts0.insert(i, s.gpa)
+            self._slots0.insert(i, s)
+
+    def remove_memslot(self, s: EmuMemslot) -> None:
+        del self.memslots[s.key]
+        if s.gmem is not None:
+            s.gmem.bindings.pop(s.key, None)
+        if s.as_id == 0:
+            i = self._slots0.index(s)
+            del self._slots0[i]
+            del self._starts0[i]
+
+    def set_memory_region(self, r: RegionArgs, v2: bool) -> None:
+        with self.lock:
+            set_memory_region(self, r, v2)
+
+    def unbind_gmem(self, gmem: EmuGmem) -> None:
+        """kvm_gmem_release(): bound slots keep their flags but lose the file."""
+        for key, s in list(gmem.bindings.items()):
+            new = EmuMemslot(s.slot, s.as_id, s.flags, s.gpa, s.size, s.userspace_addr,
+                             None, s.gmem_offset)
+            if self.memslots.get(key) is s:
+                self.remove_memslot(s)
+                self.add_memslot(new)
+            self.invalidate(s.gpa, s.end)
+        gmem.bindings.clear()
+
+    # --- memory attributes -----------------------------------------------------------------------
+    def supported_attributes(self) -> int:
+        """kvm_supported_mem_attributes(): PRIVATE for VMs with private memory."""
+        return int(MemoryAttribute.PRIVATE) if is_private_vm(self.type) else 0
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int) -> None:
+        """kvm_vm_ioctl_set_mem_attributes() (api.rst 4.140 KVM_SET_MEMORY_ATTRIBUTES)."""
+        if not self.profile.memory_attributes_ioctl:
+            raise OSError(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES is not built in this kernel")
+        if flags:
+            raise OSError(errno.EINVAL, "flags must be 0")
+        if attributes & ~self.supported_attributes():
+            raise OSError(errno.EINVAL, f"attributes {attributes:#x} not supported by VM type "
+                                        f"{self.type}")
+        if size == 0 or address + size >= 1 << 64:
+            raise OSError(errno.EINVAL, "size 0 or address + size wraps")
+        if address % PAGE_SIZE or size % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "address/size not page aligned")
+        start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+        private = bool(attributes & MemoryAttribute.PRIVATE)
+        with self.lock:
+            if self.attributes.all_equal(start, end, private):
+                return
+            self.attributes.set(start, end, private)
+            self.invalidate(address, address + size)
+
+    # --- guest_memfd ---------------------------------------------------------------------------
+    def create_gmem(self, size: int, flags: int) -> EmuGmem:
+        """kvm_gmem_create() (api.rst 4.141): flags within the supported set, size > 0 and page
+        aligned (size is a loff_t: values with bit 63 set are negative)."""
+        valid = self.profile.gmem_flags.get(self.type, 0)
+        if flags & ~valid:
+            raise OSError(errno.EINVAL, f"guest_memfd flags {flags:#x} not in {valid:#x}")
+        if size == 0 or size >= 1 << 63 or size % PAGE_SIZE:
+            raise OSError(errno.EINVAL, f"guest_memfd size {size:#x} not > 0 and page aligned")
+        return EmuGmem(self, size, flags)
+
+    # --- caps ----------------------------------------------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        return self.profile.cap(cap, self.type)
+
+    def enable_cap(self, cap: int, flags: int, args: list[int]) -> None:
+        """kvm_vm_ioctl_enable_cap() on x86: only KVM_CAP_EXIT_HYPERCALL is modelled
+        (api.rst 7.37: args[0] is a mask of hypercalls that exit, within the cap's value)."""
+        if flags:
+            raise OSError(errno.EINVAL, "KVM_ENABLE_CAP flags must be 0")
+        if cap == Cap.EXIT_HYPERCALL and self.check_extension(Cap.EXIT_HYPERCALL):
+            valid = self.check_extension(Cap.EXIT_HYPERCALL)
+            if args[0] & ~valid:
+                raise OSError(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL mask {args[0]:#x} "
+                                            f"outside {valid:#x}")
+            with self.lock:
+                self.exit_hypercall_mask = args[0]
+            return
+        raise OSError(errno.EINVAL, f"KVM_ENABLE_CAP({cap}) is not supported on this VM")
+
+    # --- small VM ioctls -----------------------------------------------------------------------
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: EEXIST twice, EINVAL once vCPUs exist. Recorded only: the
+        in-kernel LAPIC/IOAPIC/PIC are not emulated (docs/emulator.md)."""
+        with self.lock:
+            if self.irqchip:
+                raise OSError(errno.EEXIST, "irqchip already created")
+            if self.created_vcpus:
+                raise OSError(errno.EINVAL, "irqchip must be created before vCPUs")
+            self.irqchip = True
+
+    def set_nr_mmu_pages(self, n: int) -> None:
+        if n < KVM_MIN_ALLOC_MMU_PAGES:
+            raise OSError(errno.EINVAL, f"KVM_SET_NR_MMU_PAGES {n} < {KVM_MIN_ALLOC_MMU_PAGES}")
+        self.nr_mmu_pages = n
+
+    def set_tss_addr(self, addr: int) -> None:
+        if addr > (1 << 32) - 3 * PAGE_SIZE:
+            raise OSError(errno.EINVAL, "TSS address must leave 3 pages below 4 GiB")
+        self.tss_addr = addr
+
+    def reserve_vcpu_id(self, vcpu_id: int) -> None:
+        """kvm_vm_ioctl_create_vcpu()'s checks, before the vCPU object exists."""
+        with self.lock:
+            if vcpu_id >= KVM_MAX_VCPU_IDS:
+                raise OSError(errno.EINVAL, f"vcpu id {vcpu_id} >= KVM_MAX_VCPU_IDS")
+            if self.created_vcpus >= self.profile.cap(Cap.MAX_VCPUS):
+                raise OSError(errno.EINVAL, "KVM_CAP_MAX_VCPUS reached")
+            if vcpu_id in self.vcpu_ids:
+                raise OSError(errno.EEXIST, f"vcpu id {vcpu_id} exists")
+            self.vcpu_ids.add(vcpu_id)
+            self.created_vcpus += 1
+
+    def release_vcpu_id(self, vcpu_id: int) -> None:
+        with self.lock:
+            self.vcpu_ids.discard(vcpu_id)
+            self.created_vcpus -= 1
+
+    # --- KVM_PRE_FAULT_MEMORY ----------------------------------------------------------------
+    def pre_fault(self, gpa: int, size: int, flags: int,
+                  run_addr: int = 0) -> tuple[int, int, int]:
+        """kvm_vcpu_pre_fault_memory() + kvm_arch_vcpu_pre_fault_memory() (api.rst 4.143).
+
+        Returns (errno or 0, gpa, size): the range is advanced past every page mapped; success
+        if at least one page was. ENOENT where no memslot covers the GPA, EFAULT (with a
+        KVM_EXIT_MEMORY_FAULT in kvm_run) for a private gfn whose slot has no guest_memfd.
+        Private pages are allocated in the guest_memfd, as kvm_gmem_get_pfn() does.
+        """
+        if flags:
+            return errno.EINVAL, gpa, size
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or size == 0 or gpa + size >= 1 << 64:
+            return errno.EINVAL, gpa, size
+        if not self.check_extension(Cap.PRE_FAULT_MEMORY):
+            return self.profile.pre_fault_absent_errno, gpa, size
+        full = size
+        err = 0
+        with self.lock:
+            while size:
+                slot = self.find_memslot(gpa)
+                if slot is None:
+                    err = errno.ENOENT
+                    break
+                end = min(gpa + size, slot.end)
+                private = False
+                if is_private_vm(self.type):
+                    gfn = gpa >> PAGE_SHIFT
+                    private = self.attributes.is_private(gfn)
+                    nb = self.attributes.next_boundary(gfn)
+                    if nb is not None:
+                        end = min(end, nb << PAGE_SHIFT)
+                if private:
+                    g = slot.gmem
+                    if g is None:
+                        self._memory_fault(run_addr, gpa)
+                        err = errno.EFAULT
+                        break
+                    off = slot.gmem_offset + gpa - slot.gpa
+                    libc_fallocate(g.fd, FALLOC_FL_KEEP_SIZE, off, end - gpa)
+                size -= end - gpa
+                gpa = end
+        if err and size == full:
+            return err, gpa, size
+        return 0, gpa, size
+
+    @staticmethod
+    def _memory_fault(run_addr: int, gpa: int) -> None:
+        """kvm_mmu_prepare_memory_fault_exit(): fill kvm_run for a private fault."""
+        if not run_addr:
+            return
+        run = kvm_run.from_address(run_addr)
+        run.exit_reason = ExitReason.MEMORY_FAULT
+        run.exit.memory_fault.flags = MemoryExitFlag.PRIVATE
+        run.exit.memory_fault.gpa = gpa & ~(PAGE_SIZE - 1)
+        run.exit.memory_fault.size = PAGE_SIZE
+
+
+__all__ = ["EmuMemslot", "EmuVm", "VcpuLike"]
