@@ -18,7 +18,9 @@ def kvm_available(device: str | None = None) -> tuple[bool, str]:
     return True, ""
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, emu_profile: str | None = None) -> Backend:
+    """``emu_profile`` (emulated backend only): upstream, 6.12 or host; default
+    $KVMPY_EMU_PROFILE or upstream."""
     if name == "auto":
         name = "kvm" if kvm_available()[0] else "emu"
     if name == "kvm":
@@ -27,9 +29,10 @@ def make_backend(name: str) -> Backend:
         return HostBackend()
     if name == "emu":
         try:
-            from .emu import EmuBackend  # type: ignore[import-not-found,unused-ignore]
+            from .emu import EmuBackend
         except ImportError as e:
             raise NotImplementedError(f"the emulated KVM backend is not available: {e}") from e
-        backend: Backend = EmuBackend()
+        profile = emu_profile or os.environ.get("KVMPY_EMU_PROFILE", "upstream")
+        backend: Backend = EmuBackend(profile=profile)
         return backend
     raise ValueError(f"unknown backend {name!r} (kvm, emu, auto)")

@@ -3,6 +3,7 @@
 Options (each also an environment variable):
   --backend {auto,kvm,emu,both}   KVMPY_BACKEND   which KVM the tests talk to
   --require-kvm                   KVMPY_REQUIRE_KVM=1   a missing /dev/kvm fails instead of skipping
+  --emu-profile {upstream,6.12,host}  KVMPY_EMU_PROFILE   the kernel the emulated KVM presents
 Test ids end in [kvm] or [emu]; the report header names the backend(s) and kernel.
 """
 
@@ -27,6 +28,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--backend", choices=BACKENDS, default=os.environ.get("KVMPY_BACKEND", "auto"),
                 help="KVM backend: auto (real if /dev/kvm opens, else emulated), kvm, emu, or "
                      "both (each test on each). Env: KVMPY_BACKEND")
+    g.addoption("--emu-profile", choices=("upstream", "6.12", "host"),
+                default=os.environ.get("KVMPY_EMU_PROFILE", "upstream"),
+                help="kernel profile of the emulated KVM: upstream (6.18+), 6.12, or host "
+                     "(mirrors this machine's /dev/kvm, probed). Env: KVMPY_EMU_PROFILE")
     g.addoption("--require-kvm", action="store_true",
                 default=os.environ.get("KVMPY_REQUIRE_KVM", "") not in ("", "0"),
                 help="fail (not skip) when real KVM is wanted but /dev/kvm cannot be opened. "
@@ -50,6 +55,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
     lines = [f"kvmpy backends: {', '.join(selected_backends(config))} "
              f"(--backend {config.getoption('--backend')}); kernel {platform.release()}"]
+    if "emu" in selected_backends(config):
+        lines.append(f"emulated KVM profile: {config.getoption('--emu-profile')} "
+                     "(--emu-profile / KVMPY_EMU_PROFILE)")
     ok, why = kvm_available()
     if ok:
         params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
@@ -79,7 +87,7 @@ def backend(backend_name: str, request: pytest.FixtureRequest) -> Backend:
                 pytest.fail(f"{msg} (--require-kvm / KVMPY_REQUIRE_KVM=1)", pytrace=False)
             pytest.skip(msg)
     try:
-        return make_backend(backend_name)
+        return make_backend(backend_name, request.config.getoption("--emu-profile"))
     except NotImplementedError as e:
         pytest.skip(str(e))
 
