@@ -12,6 +12,7 @@ Everything here is plain pytest underneath; docs/running.md lists the equivalent
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import sys
@@ -124,6 +125,7 @@ class Progress:
         self.started = time.monotonic()
         self._live: Any = None
         self.noted: set[str] = set()
+        self.sink = io.StringIO()
 
     def _line(self) -> Any:
         from rich.text import Text
@@ -144,6 +146,16 @@ class Progress:
     def _refresh(self) -> None:
         if self._live is not None:
             self._live.update(self._line())
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        # pytest's terminal reporter stays registered (its options, e.g. -ra in addopts, and
+        # xdist's use of it keep working) but writes to a sink: this plugin draws the screen.
+        tr = config.pluginmanager.getplugin("terminalreporter")
+        if tr is not None:
+            from _pytest._io import TerminalWriter
+
+            tr._tw = TerminalWriter(file=self.sink)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.live:
@@ -237,7 +249,8 @@ def print_summary(console: Any, results: Results, pytest_rc: int, elapsed: float
     if len(backends) > 1:
         c = results.counts()
         t.add_row("all", *(str(c[o]) for o in OUTCOMES))
-    console.print(t)
+    if done:
+        console.print(t)
     if failed:
         console.print(f"[red bold]{len(failed)} failed:[/]")
         for r in failed:
@@ -276,18 +289,17 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(console, live=console.is_terminal)
     start = time.monotonic()
     try:
-        # pytest's terminal reporter is replaced by ours; JUnit/KTAP/xdist work without it.
-        rc = pytest.main(["-p", "no:terminal", "-p", "no:cacheprovider", *argv],
-                         plugins=[progress])
+        rc = pytest.main(["-p", "no:cacheprovider", *argv], plugins=[progress])
     finally:
         progress.stop()
     elapsed = time.monotonic() - start
     outputs = [p for p in (args.junit, args.ktap) if p]
     print_summary(console, progress.results, rc, elapsed, outputs)
     code = exit_code(progress.results.counts(), rc)
-    if rc == pytest.ExitCode.USAGE_ERROR:
-        console.print("[red]pytest rejected the arguments (run the pytest command above to see "
-                      "why)[/]")
+    if rc in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR) or (
+            rc == pytest.ExitCode.INTERRUPTED and not progress.results.order):
+        # Nothing of ours explains it: show what pytest would have printed.
+        console.print(progress.sink.getvalue()[-4000:], markup=False, highlight=False)
     console.print(f"exit {code} ({_meaning(code)})", highlight=False)
     return code
 
