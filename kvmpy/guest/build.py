@@ -1,0 +1,159 @@
+"""Building guest programs: guests/*.c + the guest library -> static ELF, cached by source hash.
+
+A program is ``guests/<name>.c`` (or any path ending in ``.c``), linked with every file of
+``guests/lib`` by ``guests/guest.ld``. Outputs live in a cache directory keyed by a hash of the
+sources, the headers, the linker script, the flags and the compiler's version, so a session
+builds each program once; an exclusive file lock makes concurrent builders (pytest-xdist
+workers) wait for one another instead of racing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+#: Flags measured to give freestanding long-mode guests (see docs/guests.md).
+CFLAGS = (
+    "-m64", "-O2", "-ffreestanding", "-nostdlib", "-static", "-fno-pic", "-no-pie",
+    "-mno-red-zone", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables",
+    "-fno-stack-protector", "-fno-omit-frame-pointer", "-Wall", "-Wextra",
+    "-Werror=implicit-function-declaration", "-Wl,--build-id=none",
+)
+
+INSTALL_HINT = ("install gcc and binutils (Debian/Ubuntu: apt-get install gcc binutils; "
+                "Fedora: dnf install gcc binutils), or set KVMPY_GUEST_CC to a C compiler "
+                "for x86-64")
+
+
+class GuestBuildError(RuntimeError):
+    """A guest program could not be built (no compiler, or a compile error)."""
+
+
+def guests_dir() -> Path:
+    """The guest sources: $KVMPY_GUESTS_DIR, else guests/ next to the kvmpy package."""
+    env = os.environ.get("KVMPY_GUESTS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "guests"
+
+
+def cache_dir() -> Path:
+    """Where built guests go: $KVMPY_GUEST_CACHE, else $XDG_CACHE_HOME/kvmpy/guests."""
+    env = os.environ.get("KVMPY_GUEST_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvmpy" / "guests"
+
+
+def compiler() -> str:
+    """The C compiler's path; raises GuestBuildError naming what to install if there is none."""
+    cc = os.environ.get("KVMPY_GUEST_CC", "gcc")
+    path = shutil.which(cc)
+    if path is None:
+        raise GuestBuildError(f"cannot build guest programs: C compiler {cc!r} not found on "
+                              f"PATH; {INSTALL_HINT}")
+    return path
+
+
+_version_cache: dict[str, str] = {}
+
+
+def _compiler_version(cc: str) -> str:
+    if cc not in _version_cache:
+        try:
+            out = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=60, check=False)
+        except OSError as e:
+            raise GuestBuildError(f"cannot run C compiler {cc!r}: {e}; {INSTALL_HINT}") from e
+        _version_cache[cc] = out.stdout.splitlines()[0] if out.stdout else cc
+    return _version_cache[cc]
+
+
+def resolve_source(program: str | os.PathLike[str]) -> Path:
+    """``"smoke"`` -> guests/smoke.c; a path is taken as is."""
+    p = Path(program)
+    if p.suffix == ".c" or p.is_absolute() or len(p.parts) > 1:
+        src = p
+    else:
+        src = guests_dir() / f"{program}.c"
+    if not src.is_file():
+        raise GuestBuildError(f"guest program source {src} does not exist")
+    return src.resolve()
+
+
+def library_sources(root: Path | None = None) -> list[Path]:
+    """The guest library: every .c and .S file of guests/lib, in a stable order."""
+    lib = (root or guests_dir()) / "lib"
+    return sorted(p for p in lib.iterdir() if p.suffix in (".c", ".S"))
+
+
+def _inputs(src: Path, root: Path) -> list[Path]:
+    headers = sorted((root / "include").glob("*.h"))
+    return [src, root / "guest.ld", *library_sources(root), *headers]
+
+
+def source_hash(src: Path, root: Path, cc: str) -> str:
+    """The cache key: contents of every input, the flags and the compiler version."""
+    h = hashlib.sha256()
+    for p in _inputs(src, root):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(" ".join(CFLAGS).encode())
+    h.update(_compiler_version(cc).encode())
+    return h.hexdigest()[:20]
+
+
+def build(program: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Build ``program`` (cached) and return the ELF's path."""
+    src = resolve_source(program)
+    root = guests_dir().resolve()
+    cc = compiler()
+    key = source_hash(src, root, cc)
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{src.stem}-{key}.elf"
+    if out.exists() and not force:
+        return out
+    lock_path = out_dir / f"{src.stem}-{key}.lock"
+    with open(lock_path, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if out.exists() and not force:
+            return out  # another process built it while we waited
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{src.stem}-", suffix=".elf")
+        os.close(fd)
+        cmd = [cc, *CFLAGS, f"-I{root / 'include'}", "-T", str(root / "guest.ld"),
+               # __FILE__ as guests/<file>, whatever the checkout's location.
+               f"-fmacro-prefix-map={root}/=guests/",
+               "-o", tmp, *map(str, library_sources(root)), str(src)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        except OSError as e:
+            os.unlink(tmp)
+            raise GuestBuildError(f"cannot run {cc}: {e}; {INSTALL_HINT}") from e
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise GuestBuildError(f"building guest {src.name} failed ({cc} exit "
+                                  f"{res.returncode}):\n{res.stderr.strip()}\ncommand: "
+                                  f"{' '.join(cmd)}")
+        os.replace(tmp, out)  # atomic: readers see the old file or the whole new one
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvmpy.guest.build [program...]``: build the named (default: all) guests."""
+    import sys
+
+    names = (argv if argv is not None else sys.argv[1:]) or \
+        sorted(p.stem for p in guests_dir().glob("*.c"))
+    for n in names:
+        print(build(n))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
