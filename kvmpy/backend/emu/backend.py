@@ -131,7 +131,10 @@ class EmuBackend(Backend):
             # kvm_gmem_fops has no unlocked_ioctl.
             raise OSError(errno.ENOTTY, "guest_memfd has no ioctls")
         if _ioc_type(request) != KVMIO:
-            raise OSError(errno.ENOTTY, f"ioctl {request:#x} is not a KVM ioctl")
+            # Unknown ioctls fall to the arch handlers: kvm_arch_dev_ioctl() answers EINVAL,
+            # kvm_arch_vm_ioctl() ENOTTY.
+            raise OSError(errno.EINVAL if isinstance(obj, EmuSystem) else errno.ENOTTY,
+                          f"ioctl {request:#x} is not a KVM ioctl")
         if isinstance(obj, EmuSystem):
             return self._system_ioctl(obj, request, addr)
         return self._vm_ioctl(obj, request, addr)
@@ -304,27 +307,31 @@ class EmuBackend(Backend):
     def fstat(self, fd: int) -> os.stat_result:
         return os.fstat(fd)
 
-    def _rw_refused(self, fd: int) -> bool:
+    def _rw_refused(self, fd: int, positioned: bool) -> None:
+        """KVM files have no read/write methods (EINVAL); a guest_memfd is also not
+        FMODE_PREAD/PWRITE, so pread/pwrite fail earlier with ESPIPE."""
         obj = self._lookup(fd)
         if obj is None:
-            return False
-        err = self.profile.gmem_rw_errno if isinstance(obj, EmuGmem) else errno.EINVAL
+            return
+        err = errno.EINVAL
+        if isinstance(obj, EmuGmem):
+            err = self.profile.gmem_prw_errno if positioned else self.profile.gmem_rw_errno
         raise OSError(err, "KVM fds cannot be read or written")
 
     def read(self, fd: int, count: int) -> bytes:
-        self._rw_refused(fd)
+        self._rw_refused(fd, False)
         return os.read(fd, count)
 
     def write(self, fd: int, data: bytes) -> int:
-        self._rw_refused(fd)
+        self._rw_refused(fd, False)
         return os.write(fd, data)
 
     def pread(self, fd: int, count: int, offset: int) -> bytes:
-        self._rw_refused(fd)
+        self._rw_refused(fd, True)
         return os.pread(fd, count, offset)
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
-        self._rw_refused(fd)
+        self._rw_refused(fd, True)
         return os.pwrite(fd, data, offset)
 
     def close(self, fd: int) -> None:

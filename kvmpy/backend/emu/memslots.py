@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 KVM_MEM_SLOTS_NUM = 32767
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE       # x86-64, 4-level paging: access_ok() limit
-V1_FLAGS = MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY
+# Plain ints: ~ on an IntFlag inverts only within the flag's own bits.
+LOG_DIRTY = int(MemFlag.LOG_DIRTY_PAGES)
+READONLY = int(MemFlag.READONLY)
+GUEST_MEMFD = int(MemFlag.GUEST_MEMFD)
+V1_FLAGS = LOG_DIRTY | READONLY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +75,15 @@ def _einval(why: str) -> OSError:
 
 def check_flags(vm: EmuVm, r: RegionArgs) -> None:
     """check_memory_region_flags()."""
-    valid = int(MemFlag.LOG_DIRTY_PAGES)
+    valid = LOG_DIRTY
     if vm.profile.gmem_slot_vm_types & (1 << vm.type):
-        valid |= MemFlag.GUEST_MEMFD
+        valid |= GUEST_MEMFD
     # Dirty logging of private memory is not supported.
-    if r.flags & MemFlag.GUEST_MEMFD:
-        valid &= ~MemFlag.LOG_DIRTY_PAGES
+    if r.flags & GUEST_MEMFD:
+        valid &= ~LOG_DIRTY
     # GUEST_MEMFD is incompatible with read-only slots (writes to them are MMIO).
-    if vm.profile.cap(Cap.READONLY_MEM, vm.type) and not r.flags & MemFlag.GUEST_MEMFD:
-        valid |= MemFlag.READONLY
+    if vm.profile.cap(Cap.READONLY_MEM, vm.type) and not r.flags & GUEST_MEMFD:
+        valid |= READONLY
     if r.flags & ~valid:
         raise _einval(f"memslot flags {r.flags:#x} not in {valid:#x} for this VM type")
 
@@ -101,7 +105,7 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
         raise _einval("guest_phys_addr not page aligned")
     if r.userspace_addr % PAGE_SIZE or r.userspace_addr + r.size > TASK_SIZE_MAX:
         raise _einval("userspace_addr not page aligned or not a user address")
-    if r.flags & MemFlag.GUEST_MEMFD and (r.gmem_offset % PAGE_SIZE or
+    if r.flags & GUEST_MEMFD and (r.gmem_offset % PAGE_SIZE or
                                           r.gmem_offset + r.size >= 1 << 64):
         raise _einval("guest_memfd_offset not page aligned or wraps")
     if as_id >= vm.nr_address_spaces or sid >= KVM_MEM_SLOTS_NUM:
@@ -122,10 +126,10 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
 
     if old is not None:
         # Private memslots are immutable: they can only be deleted.
-        if r.flags & MemFlag.GUEST_MEMFD:
+        if r.flags & GUEST_MEMFD:
             raise _einval("a guest_memfd memslot cannot be modified, only deleted")
         if (r.userspace_addr != old.userspace_addr or r.size != old.size
-                or (r.flags ^ old.flags) & (MemFlag.READONLY | MemFlag.GUEST_MEMFD)):
+                or (r.flags ^ old.flags) & (READONLY | GUEST_MEMFD)):
             raise _einval("modifying a memslot may change only its GPA or dirty logging")
         if r.gpa != old.gpa:
             change = "move"
@@ -142,7 +146,7 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
                 raise OSError(errno.EEXIST, f"GPA range overlaps slot {s.slot}")
 
     gmem: EmuGmem | None = None
-    if r.flags & MemFlag.GUEST_MEMFD:
+    if r.flags & GUEST_MEMFD:
         gmem = bind_check(vm, r)
 
     # kvm_arch_prepare_memory_region(): the last gfn must be mappable.
@@ -168,6 +172,8 @@ def bind_check(vm: EmuVm, r: RegionArgs) -> EmuGmem:
     gmem = vm.backend_gmem(fd)
     if gmem is None:
         try:
+            if fd >= 1 << 31:
+                raise OSError(errno.EBADF, "no such fd")
             os.fstat(fd)
         except OSError:
             raise OSError(errno.EBADF, f"guest_memfd {fd} is not an open file") from None

@@ -78,6 +78,8 @@ class Profile:
     gmem_overlap_errno: int
     #: read/write/pread/pwrite on a guest_memfd (no read_iter/write_iter: EINVAL).
     gmem_rw_errno: int = errno.EINVAL
+    #: pread/pwrite on a guest_memfd (the file is not FMODE_PREAD/PWRITE: ESPIPE).
+    gmem_prw_errno: int = errno.ESPIPE
     #: mmap of a guest_memfd created without GUEST_MEMFD_FLAG_MMAP.
     gmem_mmap_noflag_errno: int = errno.ENODEV
     #: madvise(MADV_COLLAPSE) on a guest_memfd mapping.
@@ -210,6 +212,7 @@ def probe_host() -> Profile:
         overlap = errno.EINVAL
         attrs_ioctl = True
         rw_errno = errno.EINVAL
+        prw_errno = errno.ESPIPE
         noflag_errno = errno.ENODEV
         collapse_errno = errno.EINVAL
         prefault_errno = errno.EOPNOTSUPP
@@ -232,7 +235,7 @@ def probe_host() -> Profile:
                             os.close(g)
                 gmem_flags[int(t)] = flags
                 if caps.get(Cap.GUEST_MEMFD):
-                    ok, ov, rw, nf, col = _probe_gmem_binding(hb, vfd, flags)
+                    ok, ov, (rw, prw_errno), nf, col = _probe_gmem_binding(hb, vfd, flags)
                     if ok:
                         slot_types |= 1 << t
                         overlap = ov
@@ -264,6 +267,7 @@ def probe_host() -> Profile:
         memory_attributes_ioctl=attrs_ioctl,
         gmem_overlap_errno=overlap,
         gmem_rw_errno=rw_errno,
+        gmem_prw_errno=prw_errno,
         gmem_mmap_noflag_errno=noflag_errno,
         gmem_collapse_errno=collapse_errno,
         pre_fault_absent_errno=prefault_errno,
@@ -276,19 +280,23 @@ _PROBE_HVA = 0x7F00_0000_0000   # page aligned, below TASK_SIZE; KVM never touch
 
 
 def _probe_gmem_binding(hb: object, vfd: int, flags: int
-                        ) -> tuple[bool, int, int, int, int | None]:
-    """(GUEST_MEMFD slots bind, overlap errno, read errno, mmap-without-MMAP errno,
+                        ) -> tuple[bool, int, tuple[int, int], int, int | None]:
+    """(GUEST_MEMFD slots bind, overlap errno, (read, pread) errnos, mmap-without-MMAP errno,
     MADV_COLLAPSE errno or None)."""
     from ..host import HostBackend
 
     assert isinstance(hb, HostBackend)
     g = hb.ioctl(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd(size=4 * 4096))
     try:
-        try:
-            os.read(g, 8)
-            rw = 0
-        except OSError as e:
-            rw = e.errno or 0
+        rw = [0, 0]
+        for i in range(2):
+            try:
+                if i:
+                    os.pread(g, 8, 0)
+                else:
+                    os.read(g, 8)
+            except OSError as e:
+                rw[i] = e.errno or 0
         try:
             hb.munmap(hb.mmap(g, 4096, 3, 1), 4096)
             noflag = 0
@@ -307,7 +315,7 @@ def _probe_gmem_binding(hb: object, vfd: int, flags: int
                 return e.errno or 0
 
         if region(0, 1 << 32, 0):
-            return False, errno.EINVAL, rw, noflag, None
+            return False, errno.EINVAL, (rw[0], rw[1]), noflag, None
         overlap = region(1, (1 << 32) + (1 << 20), 4096)
         for slot, gpa in ((0, 1 << 32), (1, (1 << 32) + (1 << 20))):
             r = kvm_userspace_memory_region2(slot=slot, guest_phys_addr=gpa)
@@ -333,7 +341,7 @@ def _probe_gmem_binding(hb: object, vfd: int, flags: int
                 hb.munmap(addr, 2 << 20)
         finally:
             os.close(g)
-    return True, overlap, rw, noflag, collapse
+    return True, overlap, (rw[0], rw[1]), noflag, collapse
 
 
 def _probe_max_gpa_bits(io: object, vfd: int) -> int:
