@@ -1,0 +1,794 @@
+"""The emulated vCPU: KVM's vCPU ioctls over a unicorn x86-64 engine.
+
+What is modelled and how (details and every known gap in docs/emulator.md, "vCPU"):
+- state: KVM_GET/SET_REGS, KVM_GET/SET_SREGS (KVM's validity checks; the engine runs only
+  64-bit long mode at CPL 0 - any other state is stored and KVM_RUN fails with EINVAL naming
+  what is not modelled), KVM_SET/GET_CPUID2 (guest CPUID answers come from it, as on KVM),
+  KVM_GET/SET_MP_STATE;
+- KVM_RUN exits (api.rst 5. "The kvm_run structure"): IO with KVM's completion rule (an IN
+  keeps RIP at the instruction until the next KVM_RUN completes it with the data at
+  kvm_run + io.data_offset, even when that run has immediate_exit set), MMIO (reads
+  completed by the next KVM_RUN, writes reported with RIP after the instruction), HLT,
+  HYPERCALL (KVM_HC_MAP_GPA_RANGE; x86.c kvm_emulate_hypercall()), MEMORY_FAULT (-1/EFAULT),
+  SHUTDOWN on a triple fault, INTERNAL_ERROR where KVM's emulator would give one, and EINTR
+  for kicks and immediate_exit;
+- guest exceptions are delivered through the guest IDT (x86/events.py);
+- guest-physical memory is resolved as KVM's MMU does (x86/physmem.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from unicorn import (
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
+    UC_HOOK_MEM_WRITE_PROT,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_WRITE_PROT,
+    UC_MEM_WRITE_UNMAPPED,
+)
+from unicorn import x86_const as X
+from unicorn.unicorn import UcError
+
+from ...uapi import (
+    PAGE_SIZE,
+    ExitReason,
+    Hypercall,
+    HypercallExitFlag,
+    InternalSuberror,
+    IoDirection,
+    KvmHcError,
+    MpState,
+    kvm_cpuid_entry2,
+    kvm_regs,
+    kvm_run,
+    kvm_segment,
+    kvm_sregs,
+)
+from ...uapi.ioctls import Ioctl
+from ._libc import copy_from_user, copy_to_user
+from .x86 import engine as E
+from .x86.events import CpuState, Event, TripleFault, deliver
+from .x86.paging import GuestFault, PagingMode, make_read64, translate
+from .x86.physmem import PhysFault, PhysMap
+from .x86.sched import scheduler_for
+
+if TYPE_CHECKING:
+    from .vm import EmuVm
+
+END = (1 << 64) - 1
+COUNT = 1 << 62            # a constant count keeps stops precise (emulator-notes.md)
+IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
+MASK64 = (1 << 64) - 1
+KVM_MAX_CPUID_ENTRIES = 256
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+
+CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
+CR4_PAE, CR4_LA57 = 1 << 5, 1 << 12
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+RFLAGS_FIXED = 0x2
+
+# CR4 bits KVM knows at all (arch/x86/include/asm/kvm_host.h CR4_RESERVED_BITS), and the
+# CPUID feature each CPUID-dependent bit needs (__cr4_reserved_bits()): (leaf, reg, bit).
+CR4_KNOWN = sum(1 << b for b in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18,
+                                 20, 21, 22, 23, 24, 28))
+CR4_NEEDS = {12: (7, "ecx", 16), 16: (7, "ebx", 0), 17: (1, "ecx", 17), 18: (1, "ecx", 26),
+             20: (7, "ebx", 7), 21: (7, "ebx", 20), 22: (7, "ecx", 3)}
+HYPERCALL_OPCODES = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")      # vmcall, vmmcall
+IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
+PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0})
+
+
+def _reset_sregs(vcpu_id: int) -> kvm_sregs:
+    """KVM's reset state (kvm_vcpu_reset(), measured with KVM_GET_SREGS on a new vCPU)."""
+    s = kvm_sregs()
+    s.cs = kvm_segment(base=0xFFFF0000, limit=0xFFFF, selector=0xF000, type=0xB, present=1, s=1)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(s, name, kvm_segment(limit=0xFFFF, type=3, present=1, s=1))
+    s.tr = kvm_segment(limit=0xFFFF, type=0xB, present=1)
+    s.ldt = kvm_segment(limit=0xFFFF, type=2, present=1)
+    s.gdt.limit = 0xFFFF
+    s.idt.limit = 0xFFFF
+    s.cr0 = 0x60000010
+    s.apic_base = 0xFEE00900 if vcpu_id == 0 else 0xFEE00800
+    return s
+
+
+class EmuVcpu:
+    """One emulated vCPU (see the module docstring and docs/emu-contract)."""
+
+    def __init__(self, vm: EmuVm, vcpu_id: int, run_addr: int, mmap_size: int) -> None:
+        if mmap_size < IO_DATA_OFFSET + PAGE_SIZE:
+            raise OSError(errno.EINVAL, f"kvm_run mapping of {mmap_size} bytes has no PIO page")
+        self.vm = vm
+        self.id = vcpu_id
+        self.run_addr = run_addr
+        self.run = kvm_run.from_address(run_addr)
+        self.uc = E.new_engine()
+        self.phys = PhysMap(self.uc, vm)
+        self.sched = scheduler_for(vm)
+        self._ioctl_lock = threading.RLock()
+        self._sregs = _reset_sregs(vcpu_id)
+        self._mode_problem: str | None = "the vCPU is in real mode (its reset state)"
+        self._loaded_fs = self._loaded_gs = 0
+        self._cpuid: list[kvm_cpuid_entry2] = []
+        self._ran = False
+        irqchip = bool(getattr(vm, "irqchip", False))
+        self._mp_state = int(MpState.UNINITIALIZED if irqchip and vcpu_id != 0
+                             else MpState.RUNNABLE)
+        self._pending: tuple[Any, ...] | None = None     # userspace completion owed
+        self._pending_event: Event | None = None         # exception to (re)deliver
+        self._ev: tuple[Any, ...] | None = None
+        self._stop_req = False
+        self._kicked = False
+        self._preempt = False
+        self._in_emu = False
+        self._fix_exception = False
+        self._closed = False
+        self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
+        regs = [0] * 18
+        regs[3], regs[16], regs[17] = 0x600, 0xFFF0, RFLAGS_FIXED
+        E.write_gprs(self.uc, regs)
+        uc = self.uc
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_unmapped)
+
+    def __repr__(self) -> str:
+        return f"<EmuVcpu {self.id}>"
+
+    # ================================================================ ioctl dispatch
+    def ioctl(self, request: int, arg: int) -> int:
+        if self._closed:
+            raise OSError(errno.EBADF, "vCPU is closed")
+        with self._ioctl_lock:
+            if request == Ioctl.KVM_RUN:
+                return self._kvm_run()
+            if request == Ioctl.KVM_GET_REGS:
+                copy_to_user(arg, self._get_regs().to_bytes())
+                return 0
+            if request == Ioctl.KVM_SET_REGS:
+                self._set_regs(kvm_regs.from_buffer_copy(copy_from_user(arg, 144)))
+                return 0
+            if request == Ioctl.KVM_GET_SREGS:
+                copy_to_user(arg, self._get_sregs().to_bytes())
+                return 0
+            if request == Ioctl.KVM_SET_SREGS:
+                self._set_sregs(kvm_sregs.from_buffer_copy(copy_from_user(arg, 312)))
+                return 0
+            if request == Ioctl.KVM_SET_CPUID2:
+                self._set_cpuid2(arg)
+                return 0
+            if request == Ioctl.KVM_GET_CPUID2:
+                self._get_cpuid2(arg)
+                return 0
+            if request == Ioctl.KVM_GET_MP_STATE:
+                copy_to_user(arg, struct.pack("<I", self._mp_state))
+                return 0
+            if request == Ioctl.KVM_SET_MP_STATE:
+                self._set_mp_state(struct.unpack("<I", copy_from_user(arg, 4))[0])
+                return 0
+            if request == Ioctl.KVM_ENABLE_CAP:
+                # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled.
+                raise OSError(errno.EINVAL, "KVM_ENABLE_CAP on a vCPU: no vCPU cap is modelled")
+        raise OSError(errno.ENOTTY, f"emulated vCPU: unknown ioctl {request:#x}")
+
+    # ================================================================ registers
+    def _get_regs(self) -> kvm_regs:
+        return kvm_regs(*E.read_gprs(self.uc))
+
+    def _set_regs(self, r: kvm_regs) -> None:
+        # __set_regs(): RFLAGS bit 1 is forced; a pending exception is dropped.
+        vals = [getattr(r, n) for n in E.REG_NAMES]
+        vals[17] |= RFLAGS_FIXED
+        E.write_gprs(self.uc, vals)
+        self._pending_event = None
+
+    def _get_sregs(self) -> kvm_sregs:
+        s = kvm_sregs.from_buffer_copy(self._sregs.to_bytes())
+        if self._mode_problem is not None:
+            return s
+        uc = self.uc
+        s.cr0, s.cr2, s.cr3, s.cr4 = uc.reg_read_batch(
+            [X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4])
+        s.efer = E.read_msr(uc, E.MSR_EFER)
+        _, s.gdt.base, s.gdt.limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+        _, s.idt.base, s.idt.limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        for name, reg in (("cs", X.UC_X86_REG_CS), ("ds", X.UC_X86_REG_DS),
+                          ("es", X.UC_X86_REG_ES), ("ss", X.UC_X86_REG_SS)):
+            getattr(s, name).selector = uc.reg_read(reg)
+        fs, gs = uc.reg_read(X.UC_X86_REG_FS), uc.reg_read(X.UC_X86_REG_GS)
+        if fs != self._loaded_fs:
+            s.fs.selector = fs
+        if gs != self._loaded_gs:
+            s.gs.selector = gs
+        s.fs.base = E.read_msr(uc, E.MSR_FS_BASE)
+        s.gs.base = E.read_msr(uc, E.MSR_GS_BASE)
+        tr = uc.reg_read(X.UC_X86_REG_TR)
+        s.tr.selector, s.tr.base, s.tr.limit = tr[0], tr[1], tr[2]
+        return s
+
+    def _cpuid_bit(self, leaf: int, reg: str, bit: int) -> bool:
+        e = self._find_cpuid(leaf, 0)
+        return e is not None and bool(getattr(e, reg) >> bit & 1)
+
+    def _maxphyaddr(self) -> int:
+        e = self._find_cpuid(0x80000008, 0)
+        return (e.eax & 0xFF) if e is not None and e.eax & 0xFF else 36
+
+    def _set_sregs(self, s: kvm_sregs) -> None:
+        """__set_sregs(): kvm_is_valid_sregs() and the APIC base checks, then the state."""
+        cr0, cr4, efer = s.cr0, s.cr4, s.efer
+        if efer & EFER_LME and cr0 & CR0_PG:
+            if not cr4 & CR4_PAE or not efer & EFER_LMA:
+                raise OSError(errno.EINVAL, "KVM_SET_SREGS: EFER.LME with CR0.PG needs "
+                              "CR4.PAE and EFER.LMA")
+            if s.cr3 >> self._maxphyaddr():
+                raise OSError(errno.EINVAL, f"KVM_SET_SREGS: CR3 {s.cr3:#x} beyond MAXPHYADDR")
+        elif efer & EFER_LMA or s.cs.l:
+            raise OSError(errno.EINVAL, "KVM_SET_SREGS: EFER.LMA or CS.L without long mode")
+        if cr4 & ~CR4_KNOWN:
+            raise OSError(errno.EINVAL, f"KVM_SET_SREGS: reserved CR4 bits {cr4 & ~CR4_KNOWN:#x}")
+        for bit, (leaf, reg, fbit) in CR4_NEEDS.items():
+            if cr4 >> bit & 1 and not self._cpuid_bit(leaf, reg, fbit):
+                raise OSError(errno.EINVAL, f"KVM_SET_SREGS: CR4 bit {bit} needs CPUID "
+                              f"{leaf:#x}.{reg}[{fbit}]")
+        if cr0 >> 32 or (cr0 & CR0_NW and not cr0 & CR0_CD) or (cr0 & CR0_PG and
+                                                                not cr0 & CR0_PE):
+            raise OSError(errno.EINVAL, f"KVM_SET_SREGS: invalid CR0 {cr0:#x}")
+        x2apic = self._cpuid_bit(1, "ecx", 21)
+        rsvd = (MASK64 << self._maxphyaddr()) & MASK64 | 0x2FF | (0 if x2apic else 1 << 10)
+        if s.apic_base & rsvd or (s.apic_base >> 10 & 3) == 1:
+            raise OSError(errno.EINVAL, f"KVM_SET_SREGS: invalid APIC base {s.apic_base:#x}")
+        self._sregs = kvm_sregs.from_buffer_copy(s.to_bytes())
+        self._mode_problem = self._problem(s)
+        if self._mode_problem is None:
+            self._load_sregs(s)
+
+    @staticmethod
+    def _problem(s: kvm_sregs) -> str | None:
+        if not (s.cr0 & CR0_PE and s.cr0 & CR0_PG):
+            return f"CR0 {s.cr0:#x}: real mode / non-paged protected mode"
+        if not s.efer & EFER_LMA:
+            return f"EFER {s.efer:#x}: 32-bit protected mode (EFER.LMA clear)"
+        if not s.cs.l or s.cs.db:
+            return "CS.L=0: compatibility mode"
+        if s.cr4 & CR4_LA57:
+            return "CR4.LA57: 5-level paging"
+        if s.cs.selector & 3 or s.cs.dpl or s.ss.selector & 3:
+            return "CPL > 0 (the engine's hidden CPL is fixed at 0)"
+        if any(s.interrupt_bitmap):
+            return "a pending interrupt in interrupt_bitmap"
+        return None
+
+    def _load_sregs(self, s: kvm_sregs) -> None:
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
+        uc.reg_write(X.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
+        uc.reg_write(X.UC_X86_REG_CR4, s.cr4)
+        uc.reg_write(X.UC_X86_REG_CR3, s.cr3)
+        E.write_msr(uc, E.MSR_EFER, s.efer)
+        uc.reg_write(X.UC_X86_REG_CR0, s.cr0)
+        uc.reg_write(X.UC_X86_REG_CR2, s.cr2)
+        for reg, seg in ((X.UC_X86_REG_CS, s.cs), (X.UC_X86_REG_SS, s.ss),
+                         (X.UC_X86_REG_DS, s.ds), (X.UC_X86_REG_ES, s.es)):
+            uc.reg_write(reg, seg.selector)
+        # FS/GS selectors are not written: that loads a descriptor through the guest's GDT.
+        E.write_msr(uc, E.MSR_FS_BASE, s.fs.base)
+        E.write_msr(uc, E.MSR_GS_BASE, s.gs.base)
+        self._loaded_fs = uc.reg_read(X.UC_X86_REG_FS)
+        self._loaded_gs = uc.reg_read(X.UC_X86_REG_GS)
+        uc.reg_write(X.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, 0))
+        self._pending_event = None
+        self.phys.flush_needed = True
+
+    # ================================================================ CPUID, MP state
+    def _set_cpuid2(self, arg: int) -> None:
+        nent = struct.unpack("<I", copy_from_user(arg, 4))[0]
+        if nent > KVM_MAX_CPUID_ENTRIES:
+            raise OSError(errno.E2BIG, f"KVM_SET_CPUID2: {nent} entries > {KVM_MAX_CPUID_ENTRIES}")
+        raw = copy_from_user(arg + 8, nent * 40)
+        entries = [kvm_cpuid_entry2.from_buffer_copy(raw[i * 40:(i + 1) * 40])
+                   for i in range(nent)]
+        if self._ran:
+            # kvm_set_cpuid(): after KVM_RUN only an identical table is accepted.
+            key = [e.to_bytes() for e in entries]
+            if key != [e.to_bytes() for e in self._cpuid]:
+                raise OSError(errno.EINVAL, "KVM_SET_CPUID2 after KVM_RUN with a different table")
+        self._cpuid = entries
+
+    def _get_cpuid2(self, arg: int) -> None:
+        nent = struct.unpack("<I", copy_from_user(arg, 4))[0]
+        copy_to_user(arg, struct.pack("<I", len(self._cpuid)))
+        if nent < len(self._cpuid):
+            raise OSError(errno.E2BIG, f"KVM_GET_CPUID2: {nent} < {len(self._cpuid)} entries")
+        copy_to_user(arg + 8, b"".join(e.to_bytes() for e in self._cpuid))
+
+    def _find_cpuid(self, fn: int, idx: int) -> kvm_cpuid_entry2 | None:
+        for e in self._cpuid:
+            if e.function == fn and (not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX or
+                                     e.index == idx):
+                return e
+        return None
+
+    def cpuid(self, fn: int, idx: int) -> tuple[int, int, int, int]:
+        """kvm_cpuid(): the table entry, else (Intel-compatible vendors) the max basic leaf
+        for out-of-range leaves (get_out_of_range_cpuid_entry()), else zeros."""
+        e = self._find_cpuid(fn, idx)
+        if e is None:
+            basic = self._find_cpuid(0, 0)
+            amd = basic is not None and (basic.ebx, basic.ecx, basic.edx) in (
+                (0x68747541, 0x444D4163, 0x69746E65), (0x6F677948, 0x656E6975, 0x6E65476E))
+            if basic is not None and not amd:
+                if 0x40000000 <= fn <= 0x4FFFFFFF:
+                    cls = self._find_cpuid(fn & 0xFFFFFF00, 0)
+                elif fn >= 0xC0000000:
+                    cls = self._find_cpuid(0xC0000000, 0)
+                else:
+                    cls = self._find_cpuid(fn & 0x80000000, 0)
+                if cls is None or fn > cls.eax:
+                    e = self._find_cpuid(basic.eax, idx)
+        if e is None:
+            return 0, 0, 0, 0
+        return e.eax, e.ebx, e.ecx, e.edx
+
+    def _set_mp_state(self, state: int) -> None:
+        # kvm_arch_vcpu_ioctl_set_mpstate(): without an in-kernel LAPIC only RUNNABLE.
+        irqchip = bool(getattr(self.vm, "irqchip", False))
+        if not irqchip and state != MpState.RUNNABLE:
+            raise OSError(errno.EINVAL, "KVM_SET_MP_STATE: only RUNNABLE without an "
+                          "in-kernel irqchip")
+        if state not in (MpState.RUNNABLE, MpState.UNINITIALIZED, MpState.INIT_RECEIVED,
+                         MpState.HALTED, MpState.SIPI_RECEIVED):
+            raise OSError(errno.EINVAL, f"KVM_SET_MP_STATE: invalid state {state}")
+        self._mp_state = state
+
+    # ================================================================ hooks (engine thread)
+    def _on_in(self, uc: Any, port: int, size: int, ud: Any) -> int:
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        self._ev = ("in", port, size, rip)
+        uc.emu_stop()
+        # Leave RAX as it is: KVM writes it only when userspace completes the IN.
+        return int(uc.reg_read(X.UC_X86_REG_RAX)) & ((1 << (8 * size)) - 1)
+
+    def _on_out(self, uc: Any, port: int, size: int, value: int, ud: Any) -> None:
+        self._ev = ("out", port, size, value)
+        uc.emu_stop()
+
+    def _on_cpuid(self, uc: Any, ud: Any) -> int:
+        fn, idx = uc.reg_read_batch([X.UC_X86_REG_EAX, X.UC_X86_REG_ECX])
+        a, b, c, d = self.cpuid(fn & 0xFFFF_FFFF, idx & 0xFFFF_FFFF)
+        uc.reg_write_batch([(X.UC_X86_REG_RAX, a), (X.UC_X86_REG_RBX, b),
+                            (X.UC_X86_REG_RCX, c), (X.UC_X86_REG_RDX, d)])
+        return 1
+
+    def _on_intr(self, uc: Any, intno: int, ud: Any) -> None:
+        code, is_int, next_eip = E.exception_info(uc)
+        rip, cr2 = uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_CR2])
+        if self._ev is None:
+            self._ev = ("exc", intno, code, is_int, rip, next_eip, cr2)
+        self._fix_exception = True
+        uc.emu_stop()
+
+    def _on_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
+                     ud: Any) -> bool:
+        if access == UC_MEM_WRITE_PROT:
+            # A write to a KVM_MEM_READONLY slot exits as an MMIO write (api.rst 4.35).
+            self._ev = ("mmio", addr, size, True, value)
+            return False
+        f = self.phys.classify(addr)
+        if f is None and size > 1:
+            f = self.phys.classify(addr + size - 1)
+        if f is None:
+            return True          # the memslot was just mapped: retry the access
+        if f.kind == "mmio":
+            if access == UC_MEM_FETCH_UNMAPPED:
+                self._ev = ("fetch_mmio", addr)
+            else:
+                self._ev = ("mmio", addr, size, access == UC_MEM_WRITE_UNMAPPED, value)
+        else:
+            self._ev = ("fault", f.gpa, f.flags)
+        return False
+
+    # ================================================================ other threads
+    def preempt(self) -> None:
+        """The scheduler wants the engine for another vCPU."""
+        self._preempt = True
+        self._stop_req = True
+        if self._in_emu:
+            self.uc.emu_stop()
+
+    def kick(self) -> None:
+        """Interrupt a KVM_RUN in progress (as a signal does on real KVM: EINTR, exit INTR).
+        A kick while no KVM_RUN runs is lost (kvmpy.backend.Backend.kick)."""
+        self._kicked = True
+        self._stop_req = True
+        deadline = time.monotonic() + 0.05
+        while True:
+            if self._in_emu:
+                self.uc.emu_stop()
+            if not self._kicked or time.monotonic() > deadline or not self._in_emu:
+                return
+            time.sleep(0.0005)
+
+    def invalidate(self, gpa_lo: int, gpa_hi: int) -> None:
+        """Drop mappings of [gpa_lo, gpa_hi) (kvm_mmu_zap of the range); applied before the
+        engine runs again, and a running engine is stopped to apply it now."""
+        self.phys.invalidate(gpa_lo, gpa_hi)
+        if self._in_emu:
+            self._stop_req = True
+            self.uc.emu_stop()
+
+    def close(self) -> None:
+        with self._ioctl_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self.vm.lock:
+                self.phys.close()
+
+    # ================================================================ KVM_RUN
+    def _kvm_run(self) -> int:
+        run = self.run
+        self._kicked = False
+        self._complete_userspace()
+        if run.immediate_exit:
+            # kvm_arch_vcpu_ioctl_run(): -EINTR once pending IO is completed; exit_reason is
+            # left alone (measured on 6.18), unlike a signal, which sets KVM_EXIT_INTR.
+            raise OSError(errno.EINTR, "KVM_RUN: immediate_exit")
+        if self._mode_problem is not None:
+            raise OSError(errno.EINVAL, "emulated KVM cannot run this vCPU state: "
+                          f"{self._mode_problem}; only 64-bit long mode at CPL 0 is modelled")
+        self._ran = True
+        if self._mp_state != MpState.RUNNABLE:
+            return self._block()
+        self.sched.acquire(self)
+        try:
+            return self._loop()
+        finally:
+            self.sched.release()
+
+    def _exit(self, reason: int) -> int:
+        self.run.exit_reason = reason
+        return 0
+
+    def _intr(self) -> int:
+        self._kicked = False
+        self.run.exit_reason = ExitReason.INTR
+        raise OSError(errno.EINTR, "KVM_RUN interrupted (kick)")
+
+    def _block(self) -> int:
+        """A halted vCPU with an in-kernel irqchip waits for an event; no interrupt source is
+        modelled, so only a kick ends the wait (-EINTR)."""
+        while not self._kicked:
+            time.sleep(0.001)
+        return self._intr()
+
+    def _loop(self) -> int:
+        uc = self.uc
+        while True:
+            if self.phys.has_pending:
+                self.phys.apply_pending()
+            if self.phys.flush_needed:
+                self.phys.flush_needed = False
+                uc.ctl_flush_tb()
+            if self._kicked:
+                return self._intr()
+            if self._preempt:
+                self._preempt = False
+                if self.sched.contended:
+                    self.sched.release()
+                    self.sched.acquire(self)
+                    continue
+            self._stop_req = False
+            if self._pending_event is not None:
+                ev, self._pending_event = self._pending_event, None
+                r = self._deliver(ev)
+                if r is not None:
+                    return r
+                continue
+            if self._fix_exception:
+                self._fix_exception = False
+                E.reset_old_exception(uc)
+            cr3 = uc.reg_read(X.UC_X86_REG_CR3)
+            self.phys.ensure(cr3 & 0x000F_FFFF_FFFF_F000)
+            self._ev = None
+            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            err = 0
+            self._in_emu = True
+            try:
+                uc.emu_start(rip, END, 0, COUNT)
+            except UcError as e:
+                err = e.errno
+            finally:
+                self._in_emu = False
+            r = self._handle(self._ev, err)
+            if r is not None:
+                return r
+
+    def _handle(self, ev: tuple[Any, ...] | None, err: int) -> int | None:
+        """Turn one engine stop into an exit (returned), or None to keep running."""
+        uc = self.uc
+        run = self.run
+        if ev is None:
+            if err == UC_ERR_INSN_INVALID:
+                return self._invalid_insn()
+            if err:
+                return self._internal(InternalSuberror.EMULATION,
+                                      f"unicorn stopped with error {err}", [err])
+            if self._stop_req and not self._after_hlt():
+                return None         # kick, preemption or invalidation: the loop decides
+            return self._hlt()
+        kind = ev[0]
+        if kind == "out":
+            _, port, size, value = ev
+            self._io_exit(IoDirection.OUT, port, size)
+            ctypes.memmove(self.run_addr + IO_DATA_OFFSET, value.to_bytes(size, "little"), size)
+            self._pending = ("out",)
+            return self._exit(ExitReason.IO)
+        if kind == "in":
+            _, port, size, in_rip = ev
+            next_rip = uc.reg_read(X.UC_X86_REG_RIP)
+            if not self._is_plain_in(in_rip):
+                return self._internal(InternalSuberror.EMULATION,
+                                      "string IN (ins) is not modelled", [in_rip])
+            uc.reg_write(X.UC_X86_REG_RIP, in_rip)
+            self._io_exit(IoDirection.IN, port, size)
+            self._pending = ("in", in_rip, next_rip, size)
+            return self._exit(ExitReason.IO)
+        if kind == "exc":
+            _, vec, code, is_int, rip, next_eip, cr2 = ev
+            from .x86.events import HAS_ERROR_CODE
+            r = self._deliver(Event(vec, code if vec in HAS_ERROR_CODE and not is_int else None,
+                                    is_int, rip, next_eip if is_int else rip,
+                                    cr2 if vec == 14 else None))
+            return r
+        if kind == "mmio":
+            _, gpa, size, is_write, value = ev
+            m = run.exit.mmio
+            m.phys_addr = gpa
+            m.len = size
+            m.is_write = 1 if is_write else 0
+            if is_write:
+                data = (value & ((1 << (8 * min(size, 8))) - 1)).to_bytes(min(size, 8), "little")
+                ctypes.memmove(ctypes.addressof(m.data), data.ljust(8, b"\0"), 8)
+                # KVM reports an MMIO write with the instruction retired.
+                r = self._step_with_page(gpa, None)
+                if r is not None:
+                    return r
+                m.phys_addr, m.len, m.is_write = gpa, size, 1
+                ctypes.memmove(ctypes.addressof(m.data), data.ljust(8, b"\0"), 8)
+                self._pending = ("out",)
+            else:
+                self._pending = ("mmio_read", gpa, size)
+            return self._exit(ExitReason.MMIO)
+        if kind == "fault":
+            _, gpa, flags = ev
+            return self._memory_fault(gpa, flags)
+        if kind == "fetch_mmio":
+            return self._internal(InternalSuberror.EMULATION,
+                                  f"instruction fetch from gpa {ev[1]:#x} outside every memslot",
+                                  [ev[1]])
+        return self._internal(InternalSuberror.UNEXPECTED_EXIT_REASON, f"event {ev!r}", [])
+
+    # ---------------------------------------------------------------- exits
+    def _io_exit(self, direction: int, port: int, size: int) -> None:
+        io = self.run.exit.io
+        io.direction = direction
+        io.size = size
+        io.port = port
+        io.count = 1
+        io.data_offset = IO_DATA_OFFSET
+
+    def _memory_fault(self, gpa: int, flags: int) -> int:
+        """kvm_mmu_prepare_memory_fault_exit() and KVM_RUN -1/EFAULT (api.rst,
+        KVM_EXIT_MEMORY_FAULT)."""
+        run = self.run
+        run.exit_reason = ExitReason.MEMORY_FAULT
+        run.exit.memory_fault.flags = flags
+        run.exit.memory_fault.gpa = gpa & ~(PAGE_SIZE - 1)
+        run.exit.memory_fault.size = PAGE_SIZE
+        raise OSError(errno.EFAULT, f"KVM_RUN: memory fault at gpa {gpa:#x} flags {flags:#x}")
+
+    def _internal(self, sub: int, why: str, data: list[int]) -> int:
+        i = self.run.exit.internal
+        i.suberror = sub
+        i.ndata = min(len(data), 16)
+        for k, v in enumerate(data[:16]):
+            i.data[k] = v & MASK64
+        self.last_internal_reason = why
+        return self._exit(ExitReason.INTERNAL_ERROR)
+
+    def _hlt(self) -> int:
+        # __kvm_emulate_halt(): KVM_EXIT_HLT without an in-kernel LAPIC; with one the vCPU
+        # blocks as HALTED until an event (only a kick here).
+        if getattr(self.vm, "irqchip", False):
+            self._mp_state = int(MpState.HALTED)
+            self.sched.release()
+            try:
+                return self._block()
+            finally:
+                self.sched.acquire(self)
+        return self._exit(ExitReason.HLT)
+
+    def _after_hlt(self) -> bool:
+        """Whether a stop that raced with a requested stop came from a HLT (the byte before
+        RIP is 0xF4). Unicorn reports nothing for HLT; see docs, "vCPU" gaps."""
+        try:
+            return self._read_virt(self.uc.reg_read(X.UC_X86_REG_RIP) - 1, 1) == b"\xf4"
+        except (GuestFault, PhysFault, UcError):
+            return False
+
+    # ---------------------------------------------------------------- userspace completion
+    def _complete_userspace(self) -> None:
+        """complete_userspace_io: finish the exit userspace just handled."""
+        p, self._pending = self._pending, None
+        if p is None or p[0] == "out":
+            return
+        uc = self.uc
+        if p[0] == "in":
+            _, in_rip, next_rip, size = p
+            # complete_fast_pio_in(): dropped if userspace moved RIP; sizes below 4 merge
+            # into RAX, 4 zero-extends.
+            if uc.reg_read(X.UC_X86_REG_RIP) != in_rip:
+                return
+            data = int.from_bytes(ctypes.string_at(self.run_addr + IO_DATA_OFFSET, size),
+                                  "little")
+            rax = uc.reg_read(X.UC_X86_REG_RAX) if size < 4 else 0
+            mask = (1 << (8 * size)) - 1
+            uc.reg_write_batch([(X.UC_X86_REG_RAX, (rax & ~mask) | data),
+                                (X.UC_X86_REG_RIP, next_rip)])
+        elif p[0] == "hypercall":
+            # complete_hypercall_exit(): hypercall.ret to RAX, skip the instruction.
+            uc.reg_write_batch([(X.UC_X86_REG_RAX, self.run.exit.hypercall.ret),
+                                (X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 3)])
+        elif p[0] == "mmio_read":
+            _, gpa, size = p
+            answer = bytes(self.run.exit.mmio.data)[:size]
+            self.sched.acquire(self)
+            try:
+                self._step_with_page(gpa, answer)
+            finally:
+                self.sched.release()
+
+    def _step_with_page(self, gpa: int, data: bytes | None) -> int | None:
+        """Retire the one instruction at RIP with a scratch page at ``gpa``'s page holding
+        ``data`` (an MMIO read's answer) or absorbing a write."""
+        uc = self.uc
+        page = gpa & ~(PAGE_SIZE - 1)
+        ctypes.memset(self._scratch, 0, PAGE_SIZE)
+        if data:
+            off = gpa - page
+            ctypes.memmove(ctypes.addressof(self._scratch) + off, data[:PAGE_SIZE - off],
+                           min(len(data), PAGE_SIZE - off))
+        uc.mem_map_ptr(page, PAGE_SIZE, 7, ctypes.addressof(self._scratch))
+        self._ev = None
+        err = 0
+        try:
+            uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), END, 0, 1)
+        except UcError as e:
+            err = e.errno
+        finally:
+            uc.mem_unmap(page, PAGE_SIZE)
+            self.phys.flush_needed = True
+        if err or self._ev is not None:
+            if self._ev is not None and self._ev[0] == "exc":
+                return self._handle(self._ev, 0)
+            return self._internal(InternalSuberror.EMULATION,
+                                  "an MMIO instruction touched a second MMIO or faulting page",
+                                  [gpa])
+        return None
+
+    # ---------------------------------------------------------------- instructions
+    def _paging(self) -> PagingMode:
+        cr0, cr3, cr4 = self.uc.reg_read_batch([X.UC_X86_REG_CR0, X.UC_X86_REG_CR3,
+                                                X.UC_X86_REG_CR4])
+        return PagingMode(cr0, cr3, cr4, E.read_msr(self.uc, E.MSR_EFER))
+
+    def _read_virt(self, va: int, n: int) -> bytes:
+        mode = self._paging()
+        read64 = make_read64(self.phys.read)
+        out = b""
+        while n:
+            chunk = min(n, PAGE_SIZE - (va & 0xFFF))
+            out += self.phys.read(translate(read64, mode, va, fetch=True), chunk)
+            va, n = va + chunk, n - chunk
+        return out
+
+    def _is_plain_in(self, rip: int) -> bool:
+        try:
+            b = self._read_virt(rip, 15)
+        except (GuestFault, PhysFault):
+            return True
+        i = 0
+        while i < 14 and (b[i] in PREFIXES or 0x40 <= b[i] <= 0x4F):
+            i += 1
+        return b[i] in IN_OPCODES
+
+    def _invalid_insn(self) -> int | None:
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        try:
+            insn = self._read_virt(rip, 3)
+        except (GuestFault, PhysFault):
+            insn = b""
+        if insn in HYPERCALL_OPCODES:
+            return self._hypercall(rip)
+        # Anything else unicorn cannot decode is #UD for the guest (a gap where the real CPU
+        # implements an instruction unicorn lacks; docs "vCPU").
+        return self._deliver(Event(6, None, False, rip, rip))
+
+    def _hypercall(self, rip: int) -> int | None:
+        """kvm_emulate_hypercall() (arch/x86/kvm/x86.c) for a 64-bit caller."""
+        uc = self.uc
+        nr, a0, a1, a2, cs = uc.reg_read_batch([X.UC_X86_REG_RAX, X.UC_X86_REG_RBX,
+                                               X.UC_X86_REG_RCX, X.UC_X86_REG_RDX,
+                                               X.UC_X86_REG_CS])
+        if cs & 3:
+            ret = -KvmHcError.EPERM
+        elif nr == Hypercall.MAP_GPA_RANGE:
+            gfn = a0 >> 12
+            if not self.vm.exit_hypercall_mask & (1 << Hypercall.MAP_GPA_RANGE):
+                ret = -KvmHcError.ENOSYS
+            elif a0 & 0xFFF or a1 == 0 or gfn + a1 > MASK64:
+                ret = -KvmHcError.EINVAL
+            else:
+                h = self.run.exit.hypercall
+                h.nr = nr
+                h.args[0], h.args[1], h.args[2] = a0, a1, a2
+                h.flags = HypercallExitFlag.LONG_MODE
+                self._pending = ("hypercall",)
+                return self._exit(ExitReason.HYPERCALL)
+        elif nr in (Hypercall.VAPIC_POLL_IRQ, Hypercall.KICK_CPU, Hypercall.SCHED_YIELD):
+            ret = 0     # no in-kernel LAPIC: nothing to poll or kick; yield is a no-op
+        elif nr == Hypercall.SEND_IPI and not getattr(self.vm, "irqchip", False):
+            ret = -KvmHcError.EOPNOTSUPP    # kvm_pv_send_ipi() without an APIC map
+        elif nr in (Hypercall.SEND_IPI, Hypercall.CLOCK_PAIRING):
+            raise OSError(errno.ENOSYS, f"emulated KVM: hypercall {nr} is not modelled")
+        else:
+            ret = -KvmHcError.ENOSYS
+        uc.reg_write_batch([(X.UC_X86_REG_RAX, ret & MASK64), (X.UC_X86_REG_RIP, rip + 3)])
+        return None
+
+    # ---------------------------------------------------------------- exceptions
+    def _deliver(self, ev: Event) -> int | None:
+        uc = self.uc
+        (rip, rsp, rflags, cs, ss, cr2) = uc.reg_read_batch(
+            [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS, X.UC_X86_REG_CS,
+             X.UC_X86_REG_SS, X.UC_X86_REG_CR2])
+        _, gbase, glimit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+        _, ibase, ilimit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        tr = uc.reg_read(X.UC_X86_REG_TR)
+        st = CpuState(rip, rsp, rflags, cs, ss, gbase, glimit, ibase, ilimit, tr[1],
+                      self._paging(), cr2)
+        self._fix_exception = True
+        try:
+            deliver(st, ev, self.phys.read, self.phys.write)
+        except TripleFault:
+            return self._exit(ExitReason.SHUTDOWN)
+        except PhysFault as f:
+            if f.kind == "fault":
+                self._pending_event = ev       # re-delivered once userspace fixed memory
+                return self._memory_fault(f.gpa, f.flags)
+            return self._internal(InternalSuberror.DELIVERY_EV,
+                                  f"event delivery touched MMIO at {f.gpa:#x}", [ev.vector, f.gpa])
+        uc.reg_write_batch([(X.UC_X86_REG_RSP, st.rsp), (X.UC_X86_REG_RFLAGS, st.rflags),
+                            (X.UC_X86_REG_CR2, st.cr2), (X.UC_X86_REG_RIP, st.rip)])
+        if st.cs != cs:
+            uc.reg_write(X.UC_X86_REG_CS, st.cs)
+        if st.ss != ss:
+            uc.reg_write(X.UC_X86_REG_SS, st.ss)
+        return None
+
+
+__all__ = ["EmuVcpu"]

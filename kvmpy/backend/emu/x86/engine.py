@@ -1,0 +1,87 @@
+"""The unicorn engine of one vCPU: creation, register moves, and the build-specific fixes.
+
+Unicorn 2.1.4 facts used here are measured in emulator-notes.md:
+- a UC_MODE_64 engine is always in long mode; writing CS/DS/SS/ES sets only the selector,
+  writing FS/GS loads a descriptor from the GDT (and kills the process with SIGSEGV when the
+  GDT is not mapped), so FS/GS are set through FS_BASE/GS_BASE only;
+- unicorn never resets QEMU's ``old_exception`` after an exception reaches the INTR hook, so
+  the next exception is misreported (#GP as #DF). It is reset in the saved context before
+  every run that follows an exception. The offsets below are those of the 2.1.4 x86_64 build
+  and are verified at engine creation (a fresh engine has old_exception == -1 there).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+from typing import Any
+
+from unicorn import UC_ARCH_X86, UC_MODE_64, unicorn_const
+from unicorn import x86_const as X
+from unicorn.unicorn import Uc
+
+# Offsets in the uc_context blob (40-byte header + CPUX86State) of unicorn 2.1.4.
+CTX_SIZE = 5608
+CTX_ERROR_CODE = 5424          # env->error_code (int)
+CTX_EXC_IS_INT = 5428          # env->exception_is_int (int)
+CTX_EXC_NEXT_EIP = 5432        # env->exception_next_eip (u64)
+CTX_OLD_EXCEPTION = 5536       # env->old_exception (int)
+
+MSR_EFER = 0xC0000080
+MSR_FS_BASE = 0xC0000100
+MSR_GS_BASE = 0xC0000101
+
+GPRS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX,
+        X.UC_X86_REG_RSI, X.UC_X86_REG_RDI, X.UC_X86_REG_RSP, X.UC_X86_REG_RBP,
+        X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
+        X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15,
+        X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS)
+REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+             "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+
+
+class LayoutError(OSError):
+    pass
+
+
+def new_engine() -> Any:
+    """A fresh 64-bit engine, after checking the context layout this module relies on."""
+    uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
+    ctx = uc.context_save()
+    raw = ctypes.string_at(ctx.context.value, CTX_SIZE) if ctx.size == CTX_SIZE else b""
+    if len(raw) != CTX_SIZE or struct.unpack_from("<i", raw, CTX_OLD_EXCEPTION)[0] != -1:
+        raise LayoutError(errno.ENOSYS,
+                          f"emulated KVM: unicorn {unicorn_const.UC_VERSION_MAJOR}.{unicorn_const.UC_VERSION_MINOR} has an unknown CPU "
+                          "context layout (the exception bookkeeping fix needs 2.1.4)")
+    return uc
+
+
+def exception_info(uc: Any) -> tuple[int, bool, int]:
+    """(error_code, is_software_int, next_eip) of the exception being raised (INTR hook)."""
+    ctx = uc.context_save()
+    raw = ctypes.string_at(ctx.context.value + CTX_ERROR_CODE, 16)
+    code, is_int, next_eip = struct.unpack("<iiQ", raw)
+    return code & 0xFFFF_FFFF, bool(is_int), next_eip
+
+
+def reset_old_exception(uc: Any) -> None:
+    ctx = uc.context_save()
+    ctypes.memmove(ctx.context.value + CTX_OLD_EXCEPTION, struct.pack("<i", -1), 4)
+    uc.context_restore(ctx)
+
+
+def read_gprs(uc: Any) -> list[int]:
+    return list(uc.reg_read_batch(GPRS))
+
+
+def write_gprs(uc: Any, values: list[int]) -> None:
+    uc.reg_write_batch(list(zip(GPRS, values, strict=True)))
+
+
+def read_msr(uc: Any, msr: int) -> int:
+    return int(uc.reg_read(X.UC_X86_REG_MSR, msr))
+
+
+def write_msr(uc: Any, msr: int, value: int) -> None:
+    uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
