@@ -21,6 +21,7 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,18 @@ STACK_PAGES = 4
 _RUN_RETRY_LIMIT = 1000
 
 
+_cpuid_cache: weakref.WeakKeyDictionary[Kvm, list[kvm_cpuid_entry2]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _supported_cpuid(kvm: Kvm) -> list[kvm_cpuid_entry2]:
+    """KVM_GET_SUPPORTED_CPUID, once per Kvm (it does not change while /dev/kvm is open)."""
+    c = _cpuid_cache.get(kvm)
+    if c is None:
+        c = _cpuid_cache[kvm] = kvm.get_supported_cpuid()
+    return c
+
+
 class GuestVm:
     """A VM running a guest program from guests/ (see the module docstring and docs/guests.md).
 
@@ -87,7 +100,7 @@ class GuestVm:
         self.low: SharedMemory | None = None
         try:
             self._build_low(low_mem)
-            self.cpuid = kvm.get_supported_cpuid()
+            self.cpuid = _supported_cpuid(kvm)
         except BaseException:
             self.close()
             raise
