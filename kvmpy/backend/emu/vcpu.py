@@ -672,16 +672,16 @@ class EmuVcpu:
             off = gpa - page
             ctypes.memmove(ctypes.addressof(self._scratch) + off, data[:PAGE_SIZE - off],
                            min(len(data), PAGE_SIZE - off))
-        uc.mem_map_ptr(page, PAGE_SIZE, 7, ctypes.addressof(self._scratch))
         self._ev = None
         err = 0
-        try:
-            uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), END, 0, 1)
-        except UcError as e:
-            err = e.errno
-        finally:
-            uc.mem_unmap(page, PAGE_SIZE)
-            self.phys.flush_needed = True
+        with self.phys.hole(page):
+            uc.mem_map_ptr(page, PAGE_SIZE, 7, ctypes.addressof(self._scratch))
+            try:
+                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), END, 0, 1)
+            except UcError as e:
+                err = e.errno
+            finally:
+                uc.mem_unmap(page, PAGE_SIZE)
         if err or self._ev is not None:
             if self._ev is not None and self._ev[0] == "exc":
                 return self._handle(self._ev, 0)

@@ -27,8 +27,10 @@ each run) because unicorn's page walker reads physical memory without hooks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -383,6 +385,30 @@ class PhysMap:
         if sm is not None and sm.perms != 7:
             raise PhysFault("mmio", gpa)       # a write to a read-only slot is MMIO in KVM
         self.uc.mem_write(gpa, data)
+
+    @contextlib.contextmanager
+    def hole(self, page: int) -> Iterator[None]:
+        """Temporarily take ``page`` out of the engine (to retire one instruction against a
+        scratch page, e.g. a write to a read-only slot that KVM reports as MMIO)."""
+        split: list[tuple[tuple[int, int, int], list[tuple[int, int, int]], int]] = []
+        for sm in self.slots.values():
+            for r in sm.regions:
+                if r[0] <= page < r[0] + r[1]:
+                    parts = [p for p in ((r[0], page - r[0], r[2]),
+                                         (page + PAGE_SIZE, r[0] + r[1] - page - PAGE_SIZE,
+                                          r[2] + page + PAGE_SIZE - r[0])) if p[1] > 0]
+                    self.uc.mem_unmap(r[0], r[1])
+                    for p in parts:
+                        self.uc.mem_map_ptr(p[0], p[1], sm.perms, p[2])
+                    split.append((r, parts, sm.perms))
+        try:
+            yield
+        finally:
+            for r, parts, perms in split:
+                for p in parts:
+                    self.uc.mem_unmap(p[0], p[1])
+                self.uc.mem_map_ptr(r[0], r[1], perms, r[2])
+            self.flush_needed = True
 
     def close(self) -> None:
         for key in list(self.slots):

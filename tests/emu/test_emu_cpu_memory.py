@@ -1,0 +1,281 @@
+"""Guest-physical memory of the emulated vCPU: KVM's MMU resolution (memslot, then the gfn's
+private/shared attribute), KVM_EXIT_MEMORY_FAULT, invalidation on conversions, punch-holes and
+memslot changes (api.rst 4.140 KVM_SET_MEMORY_ATTRIBUTES, 5. KVM_EXIT_MEMORY_FAULT)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+
+import pytest
+
+from kvmpy.backend.emu import EmuBackend
+from kvmpy.backend.emu.x86.testing import FakeGmem, FakeVm, Guest, Memfd
+from kvmpy.memory import SharedMemory, anonymous
+from kvmpy.system import Kvm
+from kvmpy.uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    ExitReason,
+    MemFlag,
+    MemoryExitFlag,
+    VmType,
+    kvm_regs,
+)
+
+pytestmark = pytest.mark.guest
+
+GPA = 1 << 32          # test memory at 4 GiB, as the selftests do
+PAGE = 4096
+
+
+def loop_src(n_sync: int = 4) -> str:
+    """A guest that, per round i: writes i+0x100 to [GPA], reads [GPA] into r12, OUTs port 1."""
+    return f"""
+    mov rbx, {GPA}
+    xor r13, r13
+1:  lea rax, [r13 + 0x100]
+    mov [rbx], rax
+    mov r12, [rbx]
+    mov dx, 1
+    out dx, al
+    inc r13
+    cmp r13, {n_sync}
+    jne 1b
+    hlt
+"""
+
+
+@pytest.fixture
+def fake():
+    made = []
+
+    def make(src, **kw):
+        g = Guest(src, **kw)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def _gmem(size: int) -> FakeGmem:
+    fd = os.memfd_create("gmem", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return FakeGmem(fd, size)
+
+
+def test_private_page_served_from_gmem_then_shared_backing_after_conversion(fake):
+    """A private gfn in a guest_memfd slot is the guest_memfd page; converting it to shared
+    makes the guest see the shared backing (and its own earlier write stays in the gmem)."""
+    vm = FakeVm()
+    g = fake(loop_src(), vm=vm)
+    shared = Memfd(PAGE, "shared")
+    gm = _gmem(PAGE)
+    shared.write(0, struct.pack("<Q", 0xAAAA))
+    vm.set_slot(1, GPA, PAGE, shared.addr, gmem=gm)
+    vm.set_private(GPA, PAGE, True)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
+    assert os.pread(gm.fd, 8, 0) == struct.pack("<Q", 0x100)
+    assert shared.read(0, 8) == struct.pack("<Q", 0xAAAA)
+    vm.set_private(GPA, PAGE, False)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
+    assert shared.read(0, 8) == struct.pack("<Q", 0x101)
+    assert os.pread(gm.fd, 8, 0) == struct.pack("<Q", 0x100)
+    vm.set_private(GPA, PAGE, True)
+    assert g.h.run() == 0 and g.h.get_regs().r12 == 0x102
+    assert os.pread(gm.fd, 8, 0) == struct.pack("<Q", 0x102)
+    shared.close()
+    os.close(gm.fd)
+
+
+def test_punch_hole_is_seen_by_the_guest(fake):
+    """After a punch-hole of a private page (and the zap KVM does for it) the guest reads
+    zeroes from it."""
+    from kvmpy.backend.emu._libc import libc_fallocate
+
+    vm = FakeVm()
+    g = fake(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
+    gm = _gmem(PAGE)
+    os.pwrite(gm.fd, struct.pack("<Q", 0xF00D), 0)
+    vm.set_slot(1, GPA, PAGE, 0, gmem=gm)
+    vm.set_private(GPA, PAGE, True)
+    assert g.h.run() == 0 and g.h.get_regs().r12 == 0xF00D
+    libc_fallocate(gm.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, PAGE)
+    vm.invalidate(GPA, GPA + PAGE)
+    assert g.h.run() == 0 and g.h.get_regs().r12 == 0
+    os.close(gm.fd)
+
+
+def test_private_access_without_gmem_is_memory_fault(fake):
+    """A private gfn in a slot without guest_memfd: KVM_RUN fails with EFAULT and
+    KVM_EXIT_MEMORY_FAULT, flags PRIVATE, the page-aligned gpa and size 4096."""
+    vm = FakeVm()
+    g = fake(loop_src(), vm=vm)
+    shared = Memfd(4 * PAGE, "shared")
+    vm.set_slot(1, GPA, 4 * PAGE, shared.addr)
+    vm.set_private(GPA, PAGE, True)
+    assert g.h.run() == errno.EFAULT
+    assert g.h.exit_reason == ExitReason.MEMORY_FAULT
+    mf = g.h.run_struct.exit.memory_fault
+    assert (mf.flags, mf.gpa, mf.size) == (MemoryExitFlag.PRIVATE, GPA, PAGE)
+    assert g.h.get_regs().rip != 0x10000     # stopped at the faulting store, not restarted
+    vm.set_private(GPA, PAGE, False)          # userspace converts; the access then works
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
+    assert shared.read(0, 8) == struct.pack("<Q", 0x100)
+    shared.close()
+
+
+def test_deleted_slot_becomes_mmio_and_readded_slot_is_seen(fake):
+    vm = FakeVm()
+    g = fake(loop_src(), vm=vm)
+    a = Memfd(PAGE, "a")
+    vm.set_slot(1, GPA, PAGE, a.addr)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
+    vm.set_slot(1, 0, 0, 0)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.MMIO
+    assert g.h.run_struct.exit.mmio.phys_addr == GPA and g.h.run_struct.exit.mmio.is_write
+    b = Memfd(PAGE, "b")
+    vm.set_slot(2, GPA, PAGE, b.addr)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO   # the write was retired
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
+    assert b.read(0, 8) == struct.pack("<Q", 0x102)
+    assert a.read(0, 8) == struct.pack("<Q", 0x100)
+    a.close()
+    b.close()
+
+
+def test_anonymous_shared_backing_is_mapped_directly(fake):
+    """Private anonymous host memory cannot be aliased by fd: the slot is mapped directly and
+    host writes are still seen by the guest without copies."""
+    vm = FakeVm()
+    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov qword ptr [rbx+8], 0x77\nhlt", vm=vm)
+    m = mmap.mmap(-1, 2 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    m[0:8] = struct.pack("<Q", 0x1234)
+    vm.set_slot(1, GPA, 2 * PAGE, addr)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.HLT
+    assert g.h.get_regs().r12 == 0x1234
+    assert m[8:16] == struct.pack("<Q", 0x77)
+    vm.set_slot(1, 0, 0, 0)
+    g.h.vcpu.phys.apply_pending()
+
+
+def test_unbacked_hva_is_memory_fault_without_private_flag(fake):
+    """A shared gfn whose userspace_addr is not mapped: KVM cannot fault the page in and
+    KVM_RUN fails with EFAULT (memory fault exit, flags 0)."""
+    vm = FakeVm()
+    g = fake(loop_src(), vm=vm)
+    m = mmap.mmap(-1, PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    hole = addr + 64 * PAGE * 1024   # far away, assumed unmapped: checked below
+    with open("/proc/self/maps") as f:
+        spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f]
+    if any(lo < hole + PAGE and hole < hi for lo, hi in spans):
+        pytest.skip("no unmapped host range found at the probe address")
+    vm.set_slot(1, GPA, PAGE, hole)
+    assert g.h.run() == errno.EFAULT
+    mf = g.h.run_struct.exit.memory_fault
+    assert (mf.flags, mf.gpa, mf.size) == (0, GPA, PAGE)
+
+
+def test_readonly_slot_write_is_mmio(fake):
+    """Writes to a KVM_MEM_READONLY slot exit as MMIO writes (api.rst 4.35); reads work."""
+    vm = FakeVm()
+    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov dword ptr [rbx], 0x55\nhlt", vm=vm)
+    ro = Memfd(PAGE, "ro")
+    ro.write(0, struct.pack("<Q", 0x4242))
+    vm.set_slot(1, GPA, PAGE, ro.addr, flags=MemFlag.READONLY)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.MMIO
+    m = g.h.run_struct.exit.mmio
+    assert (m.phys_addr, m.len, m.is_write) == (GPA, 4, 1)
+    assert g.h.get_regs().r12 == 0x4242
+    assert ro.read(0, 4) == struct.pack("<I", 0x4242)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.HLT
+    ro.close()
+
+
+# --- through the real emulated backend (the issue's acceptance scenario) ---------------------
+def _emu_vcpu_guest(kvm: Kvm, vm, src: str):
+    """Low memory + long mode for a hand-assembled guest on an EmuBackend VM."""
+    from kvmpy.backend.emu.x86.testing import (
+        CODE,
+        LOW_SIZE,
+        STACK_TOP,
+        asm,
+        build_low_memory,
+        long_mode_sregs,
+    )
+
+    low = SharedMemory(kvm.backend, LOW_SIZE)
+    vm.set_user_memory_region2(0, 0, 0, LOW_SIZE, low.addr)
+
+    class _View:
+        def write(self, off: int, data: bytes) -> None:
+            low.mapping.write(off, data)
+
+    build_low_memory(_View(), asm(src, CODE))  # type: ignore[arg-type]
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    vcpu.set_sregs(long_mode_sregs())
+    r = kvm_regs()
+    r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
+    vcpu.set_regs(r)
+    return low, vcpu
+
+
+def test_emu_backend_private_write_convert_host_sees_shared_data():
+    """On the emulator: the guest writes a private (guest_memfd) page, the page is converted
+    to shared (KVM_SET_MEMORY_ATTRIBUTES + punch-hole) and the host sees the shared backing's
+    data, not the private data; the guest then reads the shared data."""
+    kvm = Kvm(EmuBackend())
+    vm = kvm.create_vm(VmType.SW_PROTECTED)
+    src = f"""
+    mov rbx, {GPA}
+    mov qword ptr [rbx], 0x5ec7e7
+    mov dx, 1
+    out dx, al
+    mov r12, [rbx]
+    hlt
+"""
+    low, vcpu = _emu_vcpu_guest(kvm, vm, src)
+    shared = SharedMemory(kvm.backend, PAGE)
+    shared.mapping.write(0, struct.pack("<Q", 0x5AAED))
+    gmem = vm.create_guest_memfd(PAGE)
+    vm.set_user_memory_region2(1, MemFlag.GUEST_MEMFD, GPA, PAGE, shared.addr, gmem, 0)
+    vm.set_private(GPA, PAGE)
+    ex = vcpu.run()
+    assert ex.reason == ExitReason.IO
+    assert shared.mapping.read(0, 8) == struct.pack("<Q", 0x5AAED)
+    vm.set_shared(GPA, PAGE)
+    gmem.fallocate(0, PAGE, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)
+    assert shared.mapping.read(0, 8) == struct.pack("<Q", 0x5AAED)
+    ex = vcpu.run()
+    assert ex.reason == ExitReason.HLT
+    assert vcpu.get_regs().r12 == 0x5AAED
+    vm.close()
+    shared.close()
+    low.close()
+    kvm.close()
+
+
+def test_emu_backend_private_access_without_gmem_memory_fault():
+    kvm = Kvm(EmuBackend())
+    vm = kvm.create_vm(VmType.SW_PROTECTED)
+    low, vcpu = _emu_vcpu_guest(kvm, vm, f"mov rbx, {GPA + 3 * PAGE + 8}\nmov r12, [rbx]\nhlt")
+    mem = anonymous(kvm.backend, 8 * PAGE)
+    vm.set_user_memory_region2(1, 0, GPA, 8 * PAGE, mem.addr)
+    vm.set_private(GPA, 8 * PAGE)
+    ex = vcpu.run()
+    assert ex.reason == ExitReason.MEMORY_FAULT and ex.errno == errno.EFAULT
+    assert ex.memory_fault is not None
+    assert (ex.memory_fault.flags, ex.memory_fault.gpa, ex.memory_fault.size) == \
+        (MemoryExitFlag.PRIVATE, GPA + 3 * PAGE, PAGE)
+    vm.close()
+    mem.close()
+    low.close()
+    kvm.close()
