@@ -106,3 +106,12 @@ u64 guest_nop(void)
 {
 	return 0;
 }
+
+/* Unbounded recursion: runs into the unmapped guard page below the vCPU's stack. */
+u64 guest_stack_overflow(u64 n)
+{
+	volatile u64 pad[8];
+
+	pad[0] = n;
+	return n ? guest_stack_overflow(n + 1) + pad[0] : 0;
+}

@@ -130,6 +130,15 @@ def test_invalid_opcode_reported_with_rip(g: GuestVm) -> None:
     assert "guest_ud+" in g.image.symbolize(e.rip)
 
 
+def test_stack_overflow_is_a_triple_fault(g: GuestVm) -> None:
+    """Overflowing into the stack's guard page: the #PF cannot be delivered on the same stack
+    (no IST), nor the #DF, so the vCPU shuts down (KVM_EXIT_SHUTDOWN) instead of corrupting
+    memory below the stack."""
+    vcpu = g.vcpu("guest_stack_overflow", 1)
+    r = g.run(vcpu)
+    assert isinstance(r, Exit) and r.reason == ExitReason.SHUTDOWN, f"got {r}"
+
+
 # --- watchdog -----------------------------------------------------------------------------
 def test_watchdog_stops_spinning_guest(g: GuestVm) -> None:
     """A guest that never exits is kicked out of KVM_RUN when its budget ends and reported with
@@ -215,7 +224,7 @@ def _guest_insns_are_emulated(g: GuestVm) -> bool:
     try:
         before = read_stats(probe).get("insn_emulation")
     except KvmError as e:
-        pytest.skip(f"KVM_GET_STATS_FD: {e} on {where(g.vm)}: cannot tell how KVM reaches "
+        pytest.skip(f"{e} on {where(g.vm)}: cannot tell how KVM reaches "
                     "guest memory")
     if before is None:
         pytest.skip(f"no insn_emulation vCPU stat on {where(g.vm)}")

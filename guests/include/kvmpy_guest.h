@@ -65,6 +65,8 @@ void ucall_send_full(u64 cmd, u64 nargs, const u64 *args, const char *file, u64 
 #define GUEST_SYNC(...)                                                        \
 	do {                                                                   \
 		const u64 __uc_args[] = { __VA_ARGS__ };                       \
+		_Static_assert(ARRAY_SIZE(__uc_args) <= UCALL_MAX_ARGS,        \
+			       "GUEST_SYNC takes at most 7 values");          \
 		ucall_send(UCALL_SYNC, ARRAY_SIZE(__uc_args), __uc_args);      \
 	} while (0)
 

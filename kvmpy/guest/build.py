@@ -145,7 +145,7 @@ def build(program: str | os.PathLike[str], *, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvmpy.guest.build [program...]``: build the named (default: all) guests."""
+    """``python -m kvmpy.guest [program...]``: build the named (default: all) guests."""
     import sys
 
     names = (argv if argv is not None else sys.argv[1:]) or \
@@ -153,7 +153,3 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         print(build(n))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

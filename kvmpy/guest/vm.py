@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import struct
 import threading
 import time
@@ -80,7 +81,7 @@ class GuestVm:
     ``timeout``: the default watchdog budget, in seconds, of each run call.
     """
 
-    def __init__(self, kvm: Kvm, program: str = "smoke", *, vm_type: int = VmType.DEFAULT,
+    def __init__(self, kvm: Kvm, program: str | os.PathLike[str] = "smoke", *, vm_type: int = VmType.DEFAULT,
                  low_mem: int = LOW_MEM_DEFAULT, timeout: float = DEFAULT_TIMEOUT,
                  stack_pages: int = STACK_PAGES, image: GuestImage | None = None) -> None:
         if low_mem % x86.PAGE_2M or low_mem > TEST_MEM_BASE // 2:
