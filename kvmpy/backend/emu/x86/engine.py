@@ -54,6 +54,10 @@ def new_engine() -> Any:
         raise LayoutError(errno.ENOSYS,
                           f"emulated KVM: unicorn {unicorn_const.UC_VERSION_MAJOR}.{unicorn_const.UC_VERSION_MINOR} has an unknown CPU "
                           "context layout (the exception bookkeeping fix needs 2.1.4)")
+    # Without explicit exits, emu_start probes the ``until`` address through the guest's page
+    # tables and a miss leaves CR2 = until - 1 (and QEMU's exception state dirty) on every run.
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
     return uc
 
 
