@@ -115,3 +115,10 @@ u64 guest_stack_overflow(u64 n)
 	pad[0] = n;
 	return n ? guest_stack_overflow(n + 1) + pad[0] : 0;
 }
+
+/* One KVM hypercall (vmcall or vmmcall by CPU vendor); SYNC its return value. */
+void guest_hypercall(u64 nr, u64 a0, u64 a1, u64 a2)
+{
+	GUEST_SYNC(kvm_hypercall(nr, a0, a1, a2, 0));
+	GUEST_DONE();
+}

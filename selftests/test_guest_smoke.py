@@ -158,6 +158,45 @@ def test_watchdog_stops_spinning_guest(g: GuestVm) -> None:
         g.run(vcpu, timeout=0.1)
 
 
+def test_watchdog_stops_guest_in_vcpu_thread(g: GuestVm) -> None:
+    """The watchdog kicks a vCPU that runs in its own thread (the kick targets that thread),
+    and join re-raises the timeout."""
+    vcpu = g.vcpu("guest_spin")
+    t = g.start(vcpu, g.run, 0.3)
+    with pytest.raises(GuestTimeout, match=r"vCPU \d+ \(smoke:guest_spin\)"):
+        g.join([t], timeout=60)
+
+
+# --- hypercalls ---------------------------------------------------------------------------
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_ENOSYS = 1000
+
+
+def _cpu_is_amd(g: GuestVm) -> bool:
+    leaf0 = next(e for e in g.cpuid if e.function == 0)
+    return leaf0.ebx.to_bytes(4, "little") in (b"Auth", b"Hygo")
+
+
+def test_hypercall_uses_vendor_instruction(g: GuestVm) -> None:
+    """kvm_hypercall() issues vmmcall on AMD/Hygon and vmcall elsewhere (CPUID leaf 0 vendor).
+
+    KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL enabled returns -KVM_ENOSYS to the
+    guest (arch/x86/kvm/x86.c kvm_emulate_hypercall; uapi-facts.md 7). Where KVM's instruction
+    emulator runs the guest, vmcall never completes (it is re-executed until a signal): the
+    watchdog stops it and RIP must then be at the vendor's instruction. Either way the
+    instruction is checked where the guest stopped or in kvm_hypercall's code.
+    """
+    want = b"\x0f\x01\xd9" if _cpu_is_amd(g) else b"\x0f\x01\xc1"
+    vcpu = g.vcpu("guest_hypercall", KVM_HC_MAP_GPA_RANGE, 1 << 32, 1, 0)
+    try:
+        uc = g.run_until_ucall(vcpu, timeout=1.0)
+    except GuestTimeout as e:
+        assert g.read_phys(e.rip, 3) == want, g.image.symbolize(e.rip)
+        assert "kvm_hypercall+" in g.image.symbolize(e.rip)
+        return
+    assert uc.cmd == UcallCmd.SYNC and uc.args == ((-KVM_ENOSYS) & (2**64 - 1),), str(uc)
+
+
 # --- memory -------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_gmem", [False, True], ids=["plain", "gmem"])
 @pytest.mark.parametrize("backing", [b for b in BACKINGS if b != "none"])
