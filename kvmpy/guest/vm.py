@@ -81,14 +81,18 @@ class GuestVm:
     ``timeout``: the default watchdog budget, in seconds, of each run call.
     """
 
-    def __init__(self, kvm: Kvm, program: str | os.PathLike[str] = "smoke", *, vm_type: int = VmType.DEFAULT,
-                 low_mem: int = LOW_MEM_DEFAULT, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, kvm: Kvm, program: str | os.PathLike[str] = "smoke", *,
+                 vm_type: int = VmType.DEFAULT, low_mem: int = LOW_MEM_DEFAULT,
+                 timeout: float = DEFAULT_TIMEOUT,
                  stack_pages: int = STACK_PAGES, image: GuestImage | None = None) -> None:
         if low_mem % x86.PAGE_2M or low_mem > TEST_MEM_BASE // 2:
             raise ValueError(f"low_mem {low_mem:#x} must be a multiple of 2 MiB below 2 GiB")
         self.kvm = kvm
         self.backend = kvm.backend
         self.image = image if image is not None else GuestImage(build(program))
+        #: The program's name for messages ("smoke").
+        self.name = (os.path.splitext(os.path.basename(program))[0] if image is None
+                     else image.path.stem.rsplit("-", 1)[0])
         self.timeout = timeout
         self.stack_pages = stack_pages
         self.printed: list[str] = []
@@ -109,6 +113,10 @@ class GuestVm:
     # --- construction ---------------------------------------------------------------------
     def _build_low(self, size: int) -> None:
         img = self.image
+        for seg in img.segments:
+            if seg.vaddr != seg.paddr:  # loaded at paddr, run through the identity map
+                raise ValueError(f"guest image {img.path.name}: segment at vaddr {seg.vaddr:#x} "
+                                 f"!= paddr {seg.paddr:#x}; link it with guests/guest.ld")
         if img.low < PAGE or img.high > size:
             raise ValueError(f"guest image {img.path.name} spans [{img.low:#x}, {img.high:#x}), "
                              f"outside low memory [{PAGE:#x}, {size:#x})")
@@ -314,8 +322,7 @@ class GuestVm:
             except KvmError:
                 rip = None
         at = f" at RIP {self.image.symbolize(rip)}" if rip is not None else ""
-        return f"vCPU {vcpu.id} ({self.image.path.stem.split('-')[0]}:" \
-               f"{self._entries.get(vcpu.id, '?')}){at}"
+        return f"vCPU {vcpu.id} ({self.name}:{self._entries.get(vcpu.id, '?')}){at}"
 
     def run_exit(self, vcpu: Vcpu, timeout: float | None = None,
                  deadline: float | None = None) -> Exit:
