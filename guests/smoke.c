@@ -122,3 +122,30 @@ void guest_hypercall(u64 nr, u64 a0, u64 a1, u64 a2)
 	GUEST_SYNC(kvm_hypercall(nr, a0, a1, a2, 0));
 	GUEST_DONE();
 }
+
+static u64 handled_vector;
+
+static void skip_ud2(struct ex_regs *regs)
+{
+	WRITE_ONCE(handled_vector, regs->vector);
+	regs->rip += 2; /* ud2 is 0f 0b */
+}
+
+/* A guest-installed #UD handler: the exception is handled in the guest, which goes on. */
+void guest_handled_ud(u64 magic)
+{
+	u64 kept = magic;
+
+	guest_install_handler(6, skip_ud2);
+	__asm__ volatile("ud2" : "+r"(kept));
+	guest_install_handler(6, NULL);
+	GUEST_SYNC(READ_ONCE(handled_vector), kept);
+	GUEST_DONE();
+}
+
+/* The formats vsnprintf supports, for comparison with the host's formatting. */
+void guest_printf_formats(s64 neg, u64 big)
+{
+	GUEST_PRINTF("[%d] [%5u] [%-4x] [%08lx] [%c] [%%] [%s] [%lld] [%#X] [%zu]",
+		     (int)neg, 42u, 0xabu, big, 'z', "str", neg, 0xbeefu, (size_t)7);
+}

@@ -72,6 +72,17 @@ def test_printf_then_return_value_is_done(g: GuestVm) -> None:
     assert g.printed == ["hello from the guest: v=41 hex=0x29 str=ok"]
 
 
+def test_printf_formats(g: GuestVm) -> None:
+    """The guest's vsnprintf formats like C's printf for the conversions it supports."""
+    vcpu = g.vcpu("guest_printf_formats", -17, 0x1234_5678_9ABC)
+    g.expect_done(vcpu)
+    # Python's %-formatting follows C's printf: it is the reference here.
+    c_like = "[%d] [%5u] [%-4x] [%08lx] [%c] [%%] [%s] [%d] [%#X] [%u]" % (  # noqa: UP031
+        -17, 42, 0xAB, 0x1234_5678_9ABC, "z", "str", -17, 0xBEEF, 7)
+    assert c_like == "[-17] [   42] [ab  ] [123456789abc] [z] [%] [str] [-17] [0XBEEF] [7]"
+    assert g.printed == [c_like]
+
+
 def test_guest_assert_eq_shows_file_line_and_values(g: GuestVm) -> None:
     """A failing GUEST_ASSERT_EQ raises GuestAssertionError; the line pytest prints names the
     guest's file:line, the expression and both values."""
@@ -110,6 +121,14 @@ def test_page_fault_reported_with_vector_cr2_and_rip(g: GuestVm) -> None:
     assert (e.vector, e.cr2, e.error_code & 0x7) == (14, addr, 0)
     assert "guest_read_addr+" in g.image.symbolize(e.rip)
     assert f"CR2 {addr:#x}" in str(e)
+
+
+def test_guest_installed_handler_handles_exception(g: GuestVm) -> None:
+    """guest_install_handler(): the IDT stub calls the guest's handler, which may move RIP;
+    iretq resumes the guest with its registers intact."""
+    vcpu = g.vcpu("guest_handled_ud", 0x5EED)
+    assert g.expect_sync(vcpu).args == (6, 0x5EED)
+    g.expect_done(vcpu)
 
 
 def test_null_page_is_unmapped(g: GuestVm) -> None:

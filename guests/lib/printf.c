@@ -96,7 +96,7 @@ int vsnprintf(char *buf, size_t size, const char *fmt, __builtin_va_list ap)
 			/* fall through */
 		case 'x':
 			v = lng ? __builtin_va_arg(ap, u64) : __builtin_va_arg(ap, unsigned int);
-			put_num(&o, v, 16, upper, false, alt ? "0x" : NULL, width, zero, left);
+			put_num(&o, v, 16, upper, false, alt ? (upper ? "0X" : "0x") : NULL, width, zero, left);
 			break;
 		case 'p':
 			v = (u64)__builtin_va_arg(ap, void *);
