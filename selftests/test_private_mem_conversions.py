@@ -1,0 +1,127 @@
+"""private_mem_conversions_test (shared/selftests-catalog.md §5.2), in kvmpy.
+
+Guest: guests/private_mem_conversions.c (guest_conversions). Host loop:
+kvmpy.testing.private.run_conversion_vcpu, one thread per vCPU.
+
+Pins, on a KVM_X86_SW_PROTECTED_VM:
+* KVM_HC_MAP_GPA_RANGE exits to userspace once KVM_CAP_EXIT_HYPERCALL has bit 12
+  (Documentation/virt/kvm/x86/hypercalls.rst "KVM_HC_MAP_GPA_RANGE"; api.rst 7.37), with
+  hypercall.ret handed back to the guest's RAX;
+* KVM_SET_MEMORY_ATTRIBUTES (api.rst 4.140) switches a gfn between the memslot's
+  userspace_addr (shared) and its guest_memfd (private): private writes never appear in the
+  shared backing, host writes to shared memory are seen by the guest, and converting a range
+  leaves the rest of the area alone;
+* fallocate(PUNCH_HOLE) on the guest_memfd frees private memory, which faults back in zeroed
+  (api.rst 4.141 KVM_CREATE_GUEST_MEMFD);
+* a guest_memfd keeps its VM alive: fallocate/punch-hole still succeed after the VM is freed.
+
+Options of the C test as parameters: vCPUs (-n), memslots (-m), shared backing type (-s).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+
+from kvmpy.gmem import GuestMemfd
+from kvmpy.guest import BackingUnavailable, GuestVm
+from kvmpy.guest.x86 import PAGE_2M
+from kvmpy.system import Kvm
+from kvmpy.testing.private import (
+    EMU_GAP_ANON_HLT,
+    ConversionStats,
+    emu_gap,
+    enable_map_gpa_range_exit,
+    require_private_mem,
+    run_conversion_vcpu,
+)
+from kvmpy.uapi import PAGE_SIZE, VmType
+
+pytestmark = pytest.mark.guest
+
+#: What each vCPU's guest touches (the C test's PER_CPU_DATA_SIZE).
+AREA_SIZE = PAGE_2M + PAGE_SIZE
+BASE_GPA = 1 << 32
+FIRST_SLOT = 10
+
+#: (vCPUs, memslots, backing): small enough for a few seconds per case on the emulator.
+MATRIX = [
+    (1, 1, "anonymous"),
+    (1, 1, "shmem"),
+    (1, 1, "thp"),
+    (1, 1, "hugetlb"),
+    (1, 2, "shmem"),     # 2 MiB slots: the 2 MiB + 4 KiB area spans both
+    (2, 1, "shmem"),
+    (2, 2, "anonymous"),
+]
+
+
+def per_cpu_size(backing: str) -> int:
+    """align_up(AREA_SIZE, max(2 MiB, the backing's page size)): 4 MiB for every backing here
+    (hugetlb uses the 2 MiB default huge page)."""
+    align = PAGE_2M
+    return (AREA_SIZE + align - 1) // align * align
+
+
+def setup_vm(kvm: Kvm, nr_vcpus: int, nr_slots: int, backing: str) -> tuple[GuestVm, GuestMemfd]:
+    per_cpu = per_cpu_size(backing)
+    total = per_cpu * nr_vcpus
+    assert total % nr_slots == 0, f"{total:#x} bytes do not split into {nr_slots} memslots"
+    slot_size = total // nr_slots
+    g = GuestVm(kvm, "private_mem_conversions", vm_type=VmType.SW_PROTECTED, timeout=60.0)
+    try:
+        enable_map_gpa_range_exit(g.vm)
+        # One guest_memfd behind every memslot, each slot at its own offset.
+        gmem = g.vm.create_guest_memfd(total)
+        for i in range(nr_slots):
+            g.add_memory(slot_size, gpa=BASE_GPA + i * slot_size, slot=FIRST_SLOT + i,
+                         backing=backing, gmem=gmem, gmem_offset=i * slot_size, map=False)
+        for i in range(nr_vcpus):
+            # Only the area is mapped: an overrun is a #PF, reported as a guest exception.
+            g.map(BASE_GPA + i * per_cpu, BASE_GPA + i * per_cpu, AREA_SIZE)
+    except BackingUnavailable as e:
+        g.close()
+        pytest.skip(str(e))
+    except BaseException:
+        g.close()
+        raise
+    return g, gmem
+
+
+@pytest.mark.parametrize(("nr_vcpus", "nr_slots", "backing"), MATRIX,
+                         ids=[f"{n}vcpu-{m}slot-{b}" for n, m, b in MATRIX])
+def test_private_mem_conversions(kvm: Kvm, nr_vcpus: int, nr_slots: int, backing: str,
+                                 request: pytest.FixtureRequest) -> None:
+    """Every guest phase of private_mem_conversions_test: explicit conversion without and with
+    fallocate over the range table {(0,4K),(0,2M),(4K,4K),(4K,2M),(2M,4K)} with per-page
+    alternation, then punch-hole imprecise and precise; data checked on both sides."""
+    require_private_mem(kvm)
+    if backing in ("anonymous", "thp"):
+        emu_gap(request, kvm, EMU_GAP_ANON_HLT)
+    g, gmem = setup_vm(kvm, nr_vcpus, nr_slots, backing)
+    per_cpu = per_cpu_size(backing)
+    try:
+        vcpus = [g.vcpu("guest_conversions", BASE_GPA + i * per_cpu) for i in range(nr_vcpus)]
+        t0 = time.monotonic()
+        threads = [g.start(v, functools.partial(run_conversion_vcpu, g)) for v in vcpus]
+        stats: list[ConversionStats] = g.join(threads, timeout=120.0)
+        elapsed = time.monotonic() - t0
+        for st in stats:
+            # Each range of the table converts to private and back in both explicit passes,
+            # and the punch-hole passes free the area and then the range, every time.
+            assert st.to_private >= 2 * 5 and st.to_shared >= 2 * 5, st
+            assert st.punches == 2 * 5 * 2, st
+            assert st.sync_private > 0 and st.sync_shared > 0, st
+        print(f"{nr_vcpus} vCPU(s), {nr_slots} slot(s), {backing}: {elapsed:.2f} s, {stats[0]}")
+        g.vm.disown(gmem)
+    finally:
+        g.close()
+    # The guest_memfd holds a reference on the VM: after the VM and its memslots are gone, the
+    # file still works (the C test's final fallocate calls).
+    try:
+        gmem.punch_hole(0, per_cpu * nr_vcpus)
+        gmem.fallocate(0, per_cpu * nr_vcpus)
+    finally:
+        gmem.close()
