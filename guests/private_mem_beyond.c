@@ -25,7 +25,7 @@ static void fill(u64 gpa, u8 p, u64 size)
 	__asm__ volatile("rep stosq" : "+D"(d), "+c"(n) : "a"(QWORDS(p)) : "memory");
 }
 
-static void check_pattern(u64 gpa, u8 p, u64 size)
+static void __check_pattern(u64 gpa, u8 p, u64 size, const char *what)
 {
 	u64 *cur = (u64 *)gpa;
 	u64 left = size / 8, q = QWORDS(p);
@@ -38,9 +38,14 @@ static void check_pattern(u64 gpa, u8 p, u64 size)
 	b = (u8 *)(cur - 1);
 	for (i = 0; i < 7 && b[i] == p; i++)
 		;
-	GUEST_FAIL("gpa %#lx: byte %#x, expected %#x (range %#lx+%#lx)",
-		   (u64)(b + i), b[i], p, gpa, size);
+	GUEST_FAIL("%s: gpa %#lx holds byte %#x, expected %#x (range %#lx+%#lx)",
+		   what, (u64)(b + i), b[i], p, gpa, size);
 }
+
+#define __str(x) #x
+#define __xstr(x) __str(x)
+/* The failure names the check's source line, unless a phase label is given. */
+#define check_pattern(gpa, p, size) __check_pattern(gpa, p, size, "check at line " __xstr(__LINE__))
 
 static void map_gpa_range(u64 gpa, u64 size, u64 flags)
 {
@@ -149,8 +154,8 @@ void guest_punch_reread(u64 a, u64 b)
 	fill(a, 0x5a, PAGE_SIZE);
 	fill(b, 0xa5, PAGE_SIZE);
 	map_gpa_range(a, PAGE_SIZE, MAP_GPA_DO_FALLOCATE | MAP_GPA_SHARED);
-	check_pattern(a, 0, PAGE_SIZE);
-	check_pattern(b, 0xa5, PAGE_SIZE);
+	__check_pattern(a, 0, PAGE_SIZE, "punched private page must read back as zero");
+	__check_pattern(b, 0xa5, PAGE_SIZE, "the neighbour of a punched page must keep its data");
 	fill(a, 0x77, PAGE_SIZE);
 	check_pattern(a, 0x77, PAGE_SIZE);
 	GUEST_SYNC(SYNC_PRIVATE, a, PAGE_SIZE, 0x3c);

@@ -52,7 +52,7 @@ static void fill(u64 gpa, u8 p, u64 size)
 }
 
 /* Check that [gpa, gpa+size) holds `p` everywhere; on a mismatch name the first bad byte. */
-static void check_pattern(u64 gpa, u8 p, u64 size)
+static void __check_pattern(u64 gpa, u8 p, u64 size, const char *what)
 {
 	u64 *cur = (u64 *)gpa;
 	u64 left = size / 8, q = p * 0x0101010101010101UL;
@@ -69,9 +69,14 @@ static void check_pattern(u64 gpa, u8 p, u64 size)
 	b = (u8 *)(cur - 1);
 	for (i = 0; i < 7 && b[i] == p; i++)
 		;
-	GUEST_FAIL("gpa %#lx: byte %#x, expected %#x (range %#lx+%#lx)",
-		   (u64)(b + i), b[i], p, gpa, size);
+	GUEST_FAIL("%s: gpa %#lx holds byte %#x, expected %#x (range %#lx+%#lx)",
+		   what, (u64)(b + i), b[i], p, gpa, size);
 }
+
+#define __str(x) #x
+#define __xstr(x) __str(x)
+/* The failure names the check's source line, unless a phase label is given. */
+#define check_pattern(gpa, p, size) __check_pattern(gpa, p, size, "check at line " __xstr(__LINE__))
 
 static void map_gpa_range(u64 gpa, u64 size, u64 flags)
 {
@@ -185,7 +190,7 @@ static void punch_hole_test(u64 base, bool precise)
 		}
 		/* Freed private memory faults back in zeroed. */
 		punch_hole(gpa, size);
-		check_pattern(gpa, 0, size);
+		__check_pattern(gpa, 0, size, "private memory read after PUNCH_HOLE must be zero");
 	}
 }
 
