@@ -177,3 +177,37 @@ void guest_sync_once(void)
 	GUEST_SYNC(0);
 	GUEST_DONE();
 }
+
+/* --- a scripted guest (reproducers): ops written by the host into guest memory ------------- */
+enum { OP_FILL = 1, OP_CHECK = 2, OP_MAP = 3, OP_SYNC = 4 };
+
+struct op {
+	u64 kind, gpa, size, arg;
+};
+
+/* Run `n` ops at `ops`: FILL/CHECK (gpa, size, byte), MAP (gpa, size, a2 flags), SYNC(arg). */
+void guest_script(u64 ops, u64 n)
+{
+	const struct op *o = (const struct op *)ops;
+	u64 i;
+
+	for (i = 0; i < n; i++, o++) {
+		switch (o->kind) {
+		case OP_FILL:
+			fill(o->gpa, (u8)o->arg, o->size);
+			break;
+		case OP_CHECK:
+			check_pattern(o->gpa, (u8)o->arg, o->size);
+			break;
+		case OP_MAP:
+			map_gpa_range(o->gpa, o->size, o->arg);
+			break;
+		case OP_SYNC:
+			GUEST_SYNC(o->arg, i);
+			break;
+		default:
+			GUEST_FAIL("op %lu: unknown kind %lu", i, o->kind);
+		}
+	}
+	GUEST_DONE();
+}

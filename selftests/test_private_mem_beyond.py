@@ -22,17 +22,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmpy.guest import GuestVm, UcallCmd
+from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
+from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
 from kvmpy.testing.private import (
+    EMU_GAP_ANON_HLT,
     EMU_GAP_NOSLOT_PRIVATE,
+    MAP_GPA_DO_FALLOCATE,
     MAP_GPA_RANGE_BIT,
+    MAP_GPA_SET_ATTRIBUTES,
+    MAP_GPA_SHARED,
+    OP_CHECK,
+    OP_FILL,
+    OP_MAP,
+    Op,
     check_shared,
     emu_gap,
     enable_map_gpa_range_exit,
     fill_shared,
     require_private_mem,
     run_conversion_vcpu,
+    write_script,
 )
 from kvmpy.uapi import (
     PAGE_SIZE,
@@ -244,3 +254,64 @@ def test_host_writes_to_shared_visible_after_round_trip(g: GuestVm) -> None:
     vcpu = g.vcpu("guest_converter", mem.gpa, 2, 2, 0)
     st = run_conversion_vcpu(g, vcpu)
     assert (st.to_private, st.to_shared, st.sync_private) == (4, 4, 4), st
+
+
+# --- scripted conversion sequences ------------------------------------------------------------
+def _fill(off: int, size: int, b: int) -> Op:
+    return Op(OP_FILL, off, size, b)
+
+
+def _check(off: int, size: int, b: int) -> Op:
+    return Op(OP_CHECK, off, size, b)
+
+
+def _map(off: int, size: int, shared: bool, fallocate: bool = False) -> Op:
+    return Op(OP_MAP, off, size, MAP_GPA_SET_ATTRIBUTES | (MAP_GPA_SHARED if shared else 0)
+              | (MAP_GPA_DO_FALLOCATE if fallocate else 0))
+
+
+AREA = PAGE_2M + PAGE_SIZE
+
+#: Short conversion sequences over a 4 MiB guest_memfd slot of which the guest maps 2 MiB + 4 KiB
+#: (the conversions test's layout). Each is valid on any kernel and ends with its data checks.
+SCRIPTS: dict[str, list[Op]] = {
+    # Found by shrinking the conversions test's guest: the emulator once lost a vmcall here.
+    "overlapping_2m_then_free_all": [
+        _fill(PAGE_SIZE, PAGE_SIZE, 0x22),
+        _map(PAGE_SIZE, PAGE_2M, shared=False), _map(PAGE_SIZE, PAGE_2M, shared=True),
+        _map(PAGE_2M, PAGE_SIZE, shared=False), _map(PAGE_2M, PAGE_SIZE, shared=True),
+        _map(0, AREA, shared=True, fallocate=True),
+        _check(PAGE_SIZE, PAGE_SIZE, 0x22), _check(0, PAGE_SIZE, 0),
+    ],
+    # Private data survives a conversion of its neighbours and goes when the page is freed.
+    "private_page_between_conversions": [
+        _map(0, 3 * PAGE_SIZE, shared=False), _fill(0, 3 * PAGE_SIZE, 0x61),
+        _map(0, PAGE_SIZE, shared=True), _map(2 * PAGE_SIZE, PAGE_SIZE, shared=True, fallocate=True),
+        _check(0, PAGE_SIZE, 0), _check(PAGE_SIZE, PAGE_SIZE, 0x61), _check(2 * PAGE_SIZE, PAGE_SIZE, 0),
+        _map(PAGE_SIZE, PAGE_SIZE, shared=True, fallocate=True),
+        _map(PAGE_SIZE, PAGE_SIZE, shared=False), _check(PAGE_SIZE, PAGE_SIZE, 0),
+    ],
+}
+SCRIPT_BACKINGS = ["shmem", "anonymous", "thp"]
+
+
+@pytest.mark.parametrize("backing", SCRIPT_BACKINGS)
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_scripted_conversions(g: GuestVm, kvm: Kvm, request: pytest.FixtureRequest,
+                              script: str, backing: str) -> None:
+    """A conversion sequence (guest_script) runs to its end with every data check passing, for
+    each shared backing type; the host answers the KVM_HC_MAP_GPA_RANGE exits."""
+    if backing in ("anonymous", "thp") and script == "overlapping_2m_then_free_all":
+        emu_gap(request, kvm, EMU_GAP_ANON_HLT)
+    enable_map_gpa_range_exit(g.vm)
+    gmem = g.vm.create_guest_memfd(4 << 20)
+    try:
+        mem = g.add_memory(4 << 20, backing=backing, gmem=gmem, map=False)
+    except BackingUnavailable as e:
+        pytest.skip(str(e))
+    g.map(mem.gpa, mem.gpa, AREA)
+    table, n = write_script(g, mem.gpa, SCRIPTS[script])
+    vcpu = g.vcpu("guest_script", table, n)
+    st = run_conversion_vcpu(g, vcpu)
+    maps = sum(1 for o in SCRIPTS[script] if o.kind == OP_MAP)
+    assert st.hypercalls == maps, st

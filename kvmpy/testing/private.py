@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -222,6 +223,34 @@ def run_conversion_vcpu(g: GuestVm, vcpu: Vcpu, timeout: float | None = None) ->
             raise UnexpectedUcall(r, f"{g.where(vcpu)}: unexpected ucall {r}")
 
 
+# --- scripted guests (guests/private_mem_beyond.c guest_script) -----------------------------------
+OP_FILL, OP_CHECK, OP_MAP, OP_SYNC = 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One step of guest_script: FILL/CHECK (gpa, size, byte), MAP (gpa, size, a2 bits: a
+    KVM_HC_MAP_GPA_RANGE), SYNC (arg). ``gpa`` is relative to the script's base."""
+
+    kind: int
+    gpa: int
+    size: int
+    arg: int
+
+    def __str__(self) -> str:
+        name = {OP_FILL: "fill", OP_CHECK: "check", OP_MAP: "map", OP_SYNC: "sync"}[self.kind]
+        return f"{name}(+{self.gpa:#x}, {self.size:#x}, {self.arg:#x})"
+
+
+def write_script(g: GuestVm, base: int, ops: list[Op]) -> tuple[int, int]:
+    """Put ``ops`` (gpa relative to ``base``) in low guest memory; returns the (gpa, count)
+    arguments of guest_script."""
+    table = g.alloc_low((len(ops) * 32 + PAGE_SIZE - 1) // PAGE_SIZE)
+    g.write_phys(table, b"".join(struct.pack("<4Q", o.kind, base + o.gpa, o.size, o.arg)
+                                 for o in ops))
+    return table, len(ops)
+
+
 # --- how KVM reaches guest memory -------------------------------------------------------------
 def guest_accesses_emulated(g: GuestVm, probe_entry: str) -> tuple[bool, str]:
     """Whether KVM runs this guest in its instruction emulator (which reaches memory through the
@@ -250,7 +279,8 @@ EMU_GAP_NOSLOT_PRIVATE = (
     "MMIO path)")
 EMU_GAP_ANON_HLT = (
     "with a private-anonymous shared backing (mapped directly, not aliased) a vmcall after "
-    "several conversions is reported as KVM_EXIT_HLT at the vmcall's RIP")
+    "several conversions is reported as KVM_EXIT_HLT at the vmcall's RIP (minimal: "
+    "test_private_mem_beyond.py::test_scripted_conversions[overlapping_2m_then_free_all-anonymous])")
 
 
 def emu_gap(request: pytest.FixtureRequest, kvm: Kvm, what: str) -> None:
@@ -268,10 +298,15 @@ __all__ = [
     "MAP_GPA_RANGE_BIT",
     "MAP_GPA_SET_ATTRIBUTES",
     "MAP_GPA_SHARED",
+    "OP_CHECK",
+    "OP_FILL",
+    "OP_MAP",
+    "OP_SYNC",
     "SYNC_PRIVATE",
     "SYNC_SHARED",
     "ConversionStats",
     "MapGpaRange",
+    "Op",
     "check_shared",
     "emu_gap",
     "enable_map_gpa_range_exit",
@@ -283,4 +318,5 @@ __all__ = [
     "require_private_mem",
     "run_conversion_vcpu",
     "where",
+    "write_script",
 ]
