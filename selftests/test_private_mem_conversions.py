@@ -20,7 +20,7 @@ Options of the C test as parameters: vCPUs (-n), memslots (-m), shared backing t
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
 
 import pytest
@@ -38,6 +38,7 @@ from kvmpy.testing.private import (
     run_conversion_vcpu,
 )
 from kvmpy.uapi import PAGE_SIZE, VmType
+from kvmpy.vcpu import Vcpu
 
 pytestmark = pytest.mark.guest
 
@@ -128,7 +129,14 @@ def test_private_mem_conversions(kvm: Kvm, nr_vcpus: int, nr_slots: int, backing
     try:
         vcpus = [g.vcpu("guest_conversions", BASE_GPA + i * per_cpu) for i in range(nr_vcpus)]
         t0 = time.monotonic()
-        threads = [g.start(v, functools.partial(run_conversion_vcpu, g)) for v in vcpus]
+        # As the C test: every vCPU thread is created first, then all are released together.
+        go = threading.Barrier(nr_vcpus)
+
+        def vcpu_main(v: Vcpu) -> ConversionStats:
+            go.wait(timeout=30.0)
+            return run_conversion_vcpu(g, v)
+
+        threads = [g.start(v, vcpu_main) for v in vcpus]
         stats: list[ConversionStats] = g.join(threads, timeout=120.0)
         elapsed = time.monotonic() - t0
         for st in stats:
