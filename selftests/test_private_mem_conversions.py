@@ -55,6 +55,7 @@ MATRIX = [
     (1, 1, "hugetlb"),
     (1, 2, "shmem"),     # 2 MiB slots: the 2 MiB + 4 KiB area spans both
     (2, 1, "shmem"),
+    (2, 2, "shmem"),     # one slot per vCPU
     (2, 2, "anonymous"),
 ]
 
