@@ -105,7 +105,7 @@ def test_supported_cpuid(ekvm: Kvm) -> None:
     entries = {(e.function, e.index): e for e in ekvm.get_supported_cpuid()}
     assert entries[(0x80000001, 0)].edx & (1 << 29)              # long mode
     assert entries[(0x80000001, 0)].edx & (1 << 20)              # NX
-    assert entries[(0x80000008, 0)].eax & 0xFF == 46              # upstream: 46-bit GPAs
+    assert entries[(0x80000008, 0)].eax & 0xFF == 40              # the emulated CPU's MAXPHYADDR
     buf = make_cpuid2(2)
     with pytest.raises(OSError) as ei:
         ekvm.backend.ioctl(ekvm.fd, Ioctl.KVM_GET_SUPPORTED_CPUID, buf)

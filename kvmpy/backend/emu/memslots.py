@@ -141,9 +141,9 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
         change = "create"
 
     if change in ("create", "move"):
-        for s in vm.memslots.values():
-            if s.as_id == as_id and s.slot != sid and s.gpa < r.gpa + r.size and r.gpa < s.end:
-                raise OSError(errno.EEXIST, f"GPA range overlaps slot {s.slot}")
+        s = vm.overlapping_memslot(as_id, sid, r.gpa, r.gpa + r.size)
+        if s is not None:
+            raise OSError(errno.EEXIST, f"GPA range overlaps slot {s.slot}")
 
     gmem: EmuGmem | None = None
     if r.flags & GUEST_MEMFD:

@@ -13,6 +13,9 @@ from ...uapi import KVM_API_VERSION
 from ...uapi.structs import KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 from .profiles import KVM_MAX_CPUID_ENTRIES, Profile
 
+#: MAXPHYADDR of the emulated CPU: QEMU TCG (unicorn) treats higher PTE address bits as reserved.
+CPU_PHYS_BITS = 40
+
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax..edx
 
 _GENU, _INEI, _NTEL = 0x756E6547, 0x49656E69, 0x6C65746E
@@ -20,7 +23,7 @@ _GENU, _INEI, _NTEL = 0x756E6547, 0x49656E69, 0x6C65746E
 
 def supported_cpuid(profile: Profile) -> list[CpuidEntry]:
     """The CPUID leaves KVM_GET_SUPPORTED_CPUID returns (function, index, flags, eax..edx)."""
-    phys_bits = min(profile.max_gpa_bits, 52)
+    phys_bits = min(profile.max_gpa_bits, CPU_PHYS_BITS)
     leaf1_ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
     leaf1_edx = sum(1 << b for b in (0, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17, 19,
                                      23, 24, 25, 26))

@@ -114,9 +114,24 @@ class EmuVm:
         if s.gmem is not None:
             s.gmem.bindings.pop(s.key, None)
         if s.as_id == 0:
-            i = self._slots0.index(s)
+            i = bisect.bisect_left(self._starts0, s.gpa)
+            while self._slots0[i] is not s:
+                i += 1
             del self._slots0[i]
             del self._starts0[i]
+
+    def overlapping_memslot(self, as_id: int, sid: int, lo: int, hi: int) -> EmuMemslot | None:
+        """kvm_check_memslot_overlap(): a slot other than ``sid`` intersecting [lo, hi)."""
+        if as_id != 0:
+            return None            # only address space 0 exists (nr_address_spaces == 1)
+        # Slots are disjoint and sorted, so their ends are sorted too: walk down from the last
+        # slot starting below hi while slots still end above lo.
+        i = bisect.bisect_left(self._starts0, hi) - 1
+        while i >= 0 and self._slots0[i].gpa + self._slots0[i].size > lo:
+            if self._slots0[i].slot != sid:
+                return self._slots0[i]
+            i -= 1
+        return None
 
     def set_memory_region(self, r: RegionArgs, v2: bool) -> None:
         with self.lock:
