@@ -64,8 +64,15 @@ from .x86.sched import scheduler_for
 if TYPE_CHECKING:
     from .vm import EmuVm
 
-END = (1 << 64) - 1
-COUNT = 1 << 62            # a constant count keeps stops precise (emulator-notes.md)
+# Guest code runs in slices of SLICE_INSNS instructions. A count keeps hook stops precise
+# (emulator-notes.md), and unicorn 2.1.4's emu_stop from *another* thread is not precise: it
+# can report RIP at the start of a translation block part of which already ran, so retired
+# instructions run twice (measured: lost/duplicated increments). So no other thread ever stops
+# the engine: kicks, preemption and invalidations are flags the vCPU checks between slices.
+# The slice adapts so that one lasts about 1-4 ms whatever the code costs (fresh code is
+# translated first, which can be 100x slower than running it).
+SLICE_MIN, SLICE_MAX = 500, 400_000
+SLICE_FAST_S, SLICE_SLOW_S = 0.001, 0.004
 IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 MASK64 = (1 << 64) - 1
 KVM_MAX_CPUID_ENTRIES = 256
@@ -127,10 +134,9 @@ class EmuVcpu:
         self._pending: tuple[Any, ...] | None = None     # userspace completion owed
         self._pending_event: Event | None = None         # exception to (re)deliver
         self._ev: tuple[Any, ...] | None = None
-        self._stop_req = False
         self._kicked = False
         self._preempt = False
-        self._in_emu = False
+        self._slice = 50_000
         self._fix_exception = False
         self._closed = False
         self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
@@ -403,32 +409,19 @@ class EmuVcpu:
 
     # ================================================================ other threads
     def preempt(self) -> None:
-        """The scheduler wants the engine for another vCPU."""
+        """The scheduler wants the engine for another vCPU: yield at the end of the slice."""
         self._preempt = True
-        self._stop_req = True
-        if self._in_emu:
-            self.uc.emu_stop()
 
     def kick(self) -> None:
-        """Interrupt a KVM_RUN in progress (as a signal does on real KVM: EINTR, exit INTR).
-        A kick while no KVM_RUN runs is lost (kvmpy.backend.Backend.kick)."""
+        """Interrupt a KVM_RUN in progress (as a signal does on real KVM: EINTR, exit INTR),
+        at the end of the current slice. A kick while no KVM_RUN runs is lost
+        (kvmpy.backend.Backend.kick)."""
         self._kicked = True
-        self._stop_req = True
-        deadline = time.monotonic() + 0.05
-        while True:
-            if self._in_emu:
-                self.uc.emu_stop()
-            if not self._kicked or time.monotonic() > deadline or not self._in_emu:
-                return
-            time.sleep(0.0005)
 
     def invalidate(self, gpa_lo: int, gpa_hi: int) -> None:
         """Drop mappings of [gpa_lo, gpa_hi) (kvm_mmu_zap of the range); applied before the
-        engine runs again, and a running engine is stopped to apply it now."""
+        engine runs again (a running vCPU applies it at the end of its slice)."""
         self.phys.invalidate(gpa_lo, gpa_hi)
-        if self._in_emu:
-            self._stop_req = True
-            self.uc.emu_stop()
 
     def close(self) -> None:
         with self._ioctl_lock:
@@ -491,7 +484,6 @@ class EmuVcpu:
                     self.sched.release()
                     self.sched.acquire(self)
                     continue
-            self._stop_req = False
             if self._pending_event is not None:
                 ev, self._pending_event = self._pending_event, None
                 r = self._deliver(ev)
@@ -506,13 +498,19 @@ class EmuVcpu:
             self._ev = None
             rip = uc.reg_read(X.UC_X86_REG_RIP)
             err = 0
-            self._in_emu = True
+            t0 = time.perf_counter()
             try:
-                uc.emu_start(rip, END, 0, COUNT)
+                uc.emu_start(rip, 0, 0, self._slice)
             except UcError as e:
                 err = e.errno
-            finally:
-                self._in_emu = False
+            if self._ev is None and not err and E.executed(uc) > self._slice:
+                # End of a slice: adapt its length, then the loop checks kicks/preemption.
+                dt = time.perf_counter() - t0
+                if dt > SLICE_SLOW_S:
+                    self._slice = max(SLICE_MIN, self._slice // 4)
+                elif dt < SLICE_FAST_S:
+                    self._slice = min(SLICE_MAX, self._slice * 2)
+                continue
             r = self._handle(self._ev, err)
             if r is not None:
                 return r
@@ -527,8 +525,6 @@ class EmuVcpu:
             if err:
                 return self._internal(InternalSuberror.EMULATION,
                                       f"unicorn stopped with error {err}", [err])
-            if self._stop_req and not self._after_hlt():
-                return None         # kick, preemption or invalidation: the loop decides
             return self._hlt()
         kind = ev[0]
         if kind == "out":
@@ -622,14 +618,6 @@ class EmuVcpu:
                 self.sched.acquire(self)
         return self._exit(ExitReason.HLT)
 
-    def _after_hlt(self) -> bool:
-        """Whether a stop that raced with a requested stop came from a HLT (the byte before
-        RIP is 0xF4). Unicorn reports nothing for HLT; see docs, "vCPU" gaps."""
-        try:
-            return self._read_virt(self.uc.reg_read(X.UC_X86_REG_RIP) - 1, 1) == b"\xf4"
-        except (GuestFault, PhysFault, UcError):
-            return False
-
     # ---------------------------------------------------------------- userspace completion
     def _complete_userspace(self) -> None:
         """complete_userspace_io: finish the exit userspace just handled."""
@@ -677,7 +665,7 @@ class EmuVcpu:
         with self.phys.hole(page):
             uc.mem_map_ptr(page, PAGE_SIZE, 7, ctypes.addressof(self._scratch))
             try:
-                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), END, 0, 1)
+                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), 0, 0, 1)
             except UcError as e:
                 err = e.errno
             finally:

@@ -27,6 +27,8 @@ CTX_ERROR_CODE = 5424          # env->error_code (int)
 CTX_EXC_IS_INT = 5428          # env->exception_is_int (int)
 CTX_EXC_NEXT_EIP = 5432        # env->exception_next_eip (u64)
 CTX_OLD_EXCEPTION = 5536       # env->old_exception (int)
+# Offset of uc_struct.emu_counter (instructions run by this emu_start; emu_count follows).
+UC_EMU_COUNTER = 1368
 
 MSR_EFER = 0xC0000080
 MSR_FS_BASE = 0xC0000100
@@ -58,7 +60,35 @@ def new_engine() -> Any:
     # tables and a miss leaves CR2 = until - 1 (and QEMU's exception state dirty) on every run.
     uc.ctl_exits_enabled(True)
     uc.ctl_set_exits([])
+    _check_counter(uc)
     return uc
+
+
+def _counter_addr(uc: Any) -> int:
+    return int(ctypes.cast(uc._uch, ctypes.c_void_p).value or 0) + UC_EMU_COUNTER
+
+
+def executed(uc: Any) -> int:
+    """Instructions the last emu_start ran (count + 1 when the count ran out)."""
+    return int(ctypes.c_uint64.from_address(_counter_addr(uc)).value)
+
+
+def _check_counter(uc: Any) -> None:
+    """Verify UC_EMU_COUNTER on a scratch page: "nop; nop; hlt" runs 3 instructions with a
+    large count, and a count of 1 ends with the counter at 2 (exhausted)."""
+    buf = ctypes.create_string_buffer(b"\x90\x90\xf4".ljust(4096, b"\0"), 4096)
+    uc.mem_map_ptr(0x1000, 0x1000, 7, ctypes.addressof(buf))
+    try:
+        uc.emu_start(0x1000, 0, 0, 100)
+        full = executed(uc)
+        nxt = ctypes.c_uint64.from_address(_counter_addr(uc) + 8).value
+        uc.emu_start(0x1000, 0, 0, 1)
+        one = executed(uc)
+    finally:
+        uc.mem_unmap(0x1000, 0x1000)
+    if (full, nxt, one) != (3, 100, 2):
+        raise LayoutError(errno.ENOSYS, "emulated KVM: unicorn's instruction counter is not at "
+                          f"the expected offset ({full}, {nxt}, {one}); needs unicorn 2.1.4")
 
 
 def exception_info(uc: Any) -> tuple[int, bool, int]:
