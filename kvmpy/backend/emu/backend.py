@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ...errors import NotModelled
 from ...uapi import (
@@ -48,6 +49,9 @@ from .profiles import VCPU_MMAP_SIZE, Profile, get_profile
 from .system import EmuSystem, get_supported_cpuid
 from .vm import EmuVm, VcpuLike
 
+# Plain ints: attribute access on an Enum class costs ~0.5 us, ioctl dispatch compares many.
+CAP_GUEST_MEMFD = int(Cap.GUEST_MEMFD)
+R = SimpleNamespace(**{m.name: int(m) for m in Ioctl})
 MADV_COLLAPSE = 25
 MAP_SHARED = 0x01
 
@@ -80,6 +84,7 @@ class EmuBackend(Backend):
         self._fds: dict[int, tuple[_Obj, int, int]] = {}
         # Address ranges of guest_memfd mappings (for madvise), [start, end).
         self._gmem_maps: list[tuple[int, int]] = []
+        self._tls = threading.local()
 
     # --- fd table ------------------------------------------------------------------------------
     def _register(self, fd: int, obj: _Obj) -> int:
@@ -117,14 +122,31 @@ class EmuBackend(Backend):
         fd = os.memfd_create("kvm-emu-system", os.MFD_CLOEXEC)
         return self._register(fd, EmuSystem(self.profile))
 
+    def _cin(self, addr: int, size: int) -> bytes:
+        """copy_from_user: direct when [addr, addr+size) lies inside the ctypes object the
+        caller passed (known valid), else through process_vm_readv (EFAULT on a bad pointer)."""
+        lo, hi = getattr(self._tls, "span", (0, 0))
+        if lo <= addr and addr + size <= hi:
+            return ctypes.string_at(addr, size)
+        return copy_from_user(addr, size)
+
+    def _cout(self, addr: int, data: bytes) -> None:
+        lo, hi = getattr(self._tls, "span", (0, 0))
+        if lo <= addr and addr + len(data) <= hi:
+            ctypes.memmove(addr, data, len(data))
+        else:
+            copy_to_user(addr, data)
+
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
         addr = arg_pointer(arg)
+        self._tls.span = (0, 0) if arg is None or isinstance(arg, int) else \
+            (addr, addr + ctypes.sizeof(arg))
         request &= 0xFFFF_FFFF
         obj = self._lookup(fd)
         if obj is None:
             return libc_ioctl(fd, request, addr)
         if isinstance(obj, EmuVcpuFd):
-            if request == Ioctl.KVM_PRE_FAULT_MEMORY:
+            if request == R.KVM_PRE_FAULT_MEMORY:
                 return self._pre_fault(obj, addr)
             return obj.vcpu.ioctl(request, addr)
         if isinstance(obj, EmuGmem):
@@ -141,79 +163,79 @@ class EmuBackend(Backend):
 
     def _system_ioctl(self, sysobj: EmuSystem, request: int, arg: int) -> int:
         p = sysobj.profile
-        if request == Ioctl.KVM_GET_API_VERSION:
+        if request == R.KVM_GET_API_VERSION:
             if arg:
                 raise OSError(errno.EINVAL, "KVM_GET_API_VERSION takes no argument")
             return sysobj.api_version()
-        if request == Ioctl.KVM_CHECK_EXTENSION:
+        if request == R.KVM_CHECK_EXTENSION:
             return p.cap(arg)
-        if request == Ioctl.KVM_GET_VCPU_MMAP_SIZE:
+        if request == R.KVM_GET_VCPU_MMAP_SIZE:
             if arg:
                 raise OSError(errno.EINVAL, "KVM_GET_VCPU_MMAP_SIZE takes no argument")
             return VCPU_MMAP_SIZE
-        if request == Ioctl.KVM_CREATE_VM:
+        if request == R.KVM_CREATE_VM:
             # kvm_arch_init_vm(): the type must be offered in KVM_CAP_VM_TYPES.
             if arg >= 32 or not p.vm_types & (1 << arg):
                 raise OSError(errno.EINVAL, f"VM type {arg} not supported")
             vm = EmuVm(arg, p, self._gmem)
             fd = os.memfd_create("kvm-emu-vm", os.MFD_CLOEXEC)
             return self._register(fd, vm)
-        if request == Ioctl.KVM_GET_SUPPORTED_CPUID:
-            (nent,) = struct.unpack("<I", copy_from_user(arg, 4))
+        if request == R.KVM_GET_SUPPORTED_CPUID:
+            (nent,) = struct.unpack("<I", self._cin(arg, 4))
             entries = get_supported_cpuid(p, nent)
             size = ctypes.sizeof(kvm_cpuid_entry2)
             blob = b"".join(kvm_cpuid_entry2(*e).to_bytes() for e in entries)
             assert len(blob) == size * len(entries)
-            copy_to_user(arg + 8, blob)
-            copy_to_user(arg, struct.pack("<I", len(entries)))
+            self._cout(arg + 8, blob)
+            self._cout(arg, struct.pack("<I", len(entries)))
             return 0
         raise NotModelled(f"{Ioctl.name_of(request)} on /dev/kvm is not modelled by the "
                           f"emulated KVM")
 
     def _vm_ioctl(self, vm: EmuVm, request: int, arg: int) -> int:
-        if request == Ioctl.KVM_CHECK_EXTENSION:
+        if request == R.KVM_CHECK_EXTENSION:
             return vm.check_extension(arg)
-        if request in (Ioctl.KVM_SET_USER_MEMORY_REGION, Ioctl.KVM_SET_USER_MEMORY_REGION2):
-            v2 = request == Ioctl.KVM_SET_USER_MEMORY_REGION2
+        if request in (R.KVM_SET_USER_MEMORY_REGION, R.KVM_SET_USER_MEMORY_REGION2):
+            v2 = request == R.KVM_SET_USER_MEMORY_REGION2
             if v2:
                 r2 = kvm_userspace_memory_region2.from_buffer_copy(
-                    copy_from_user(arg, ctypes.sizeof(kvm_userspace_memory_region2)))
+                    self._cin(arg, ctypes.sizeof(kvm_userspace_memory_region2)))
                 args = RegionArgs(r2.slot, r2.flags, r2.guest_phys_addr, r2.memory_size,
                                   r2.userspace_addr, r2.guest_memfd_offset, r2.guest_memfd)
             else:
                 r1 = kvm_userspace_memory_region.from_buffer_copy(
-                    copy_from_user(arg, ctypes.sizeof(kvm_userspace_memory_region)))
+                    self._cin(arg, ctypes.sizeof(kvm_userspace_memory_region)))
                 args = RegionArgs(r1.slot, r1.flags, r1.guest_phys_addr, r1.memory_size,
                                   r1.userspace_addr)
             vm.set_memory_region(args, v2)
             return 0
-        if request == Ioctl.KVM_SET_MEMORY_ATTRIBUTES:
+        if request == R.KVM_SET_MEMORY_ATTRIBUTES:
             if not vm.profile.memory_attributes_ioctl:
                 raise OSError(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES is not built in")
             a = kvm_memory_attributes.from_buffer_copy(
-                copy_from_user(arg, ctypes.sizeof(kvm_memory_attributes)))
+                self._cin(arg, ctypes.sizeof(kvm_memory_attributes)))
             vm.set_memory_attributes(a.address, a.size, a.attributes, a.flags)
             return 0
-        if request == Ioctl.KVM_CREATE_GUEST_MEMFD:
-            if not vm.profile.cap(Cap.GUEST_MEMFD):
+        if request == R.KVM_CREATE_GUEST_MEMFD:
+            if not vm.profile.cap(CAP_GUEST_MEMFD):
                 raise OSError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD is not built in")
             c = kvm_create_guest_memfd.from_buffer_copy(
-                copy_from_user(arg, ctypes.sizeof(kvm_create_guest_memfd)))
+                self._cin(arg, ctypes.sizeof(kvm_create_guest_memfd)))
             g = vm.create_gmem(c.size, c.flags)
             return self._register(g.fd, g)
-        if request == Ioctl.KVM_ENABLE_CAP:
-            ec = kvm_enable_cap.from_buffer_copy(copy_from_user(arg, ctypes.sizeof(kvm_enable_cap)))
+        if request == R.KVM_ENABLE_CAP:
+            ec = kvm_enable_cap.from_buffer_copy(self._cin(arg, ctypes.sizeof(kvm_enable_cap)))
             vm.enable_cap(ec.cap, ec.flags, list(ec.args))
             return 0
-        if request == Ioctl.KVM_CREATE_VCPU:
+        if request == R.KVM_CREATE_VCPU:
             return self._create_vcpu(vm, arg)
-        if request == Ioctl.KVM_CREATE_IRQCHIP:
+        if request == R.KVM_CREATE_IRQCHIP:
             vm.create_irqchip()
             return 0
-        if request == Ioctl.KVM_SET_NR_MMU_PAGES:
+        if request == R.KVM_SET_NR_MMU_PAGES:
             vm.set_nr_mmu_pages(arg)
             return 0
-        if request == Ioctl.KVM_SET_TSS_ADDR:
+        if request == R.KVM_SET_TSS_ADDR:
             vm.set_tss_addr(arg)
             return 0
         raise NotModelled(f"{Ioctl.name_of(request)} on a VM fd is not modelled by the "
@@ -246,9 +268,9 @@ class EmuBackend(Backend):
     def _pre_fault(self, v: EmuVcpuFd, arg: int) -> int:
         """KVM_PRE_FAULT_MEMORY: the leftover range is copied back even on failure."""
         r = kvm_pre_fault_memory.from_buffer_copy(
-            copy_from_user(arg, ctypes.sizeof(kvm_pre_fault_memory)))
+            self._cin(arg, ctypes.sizeof(kvm_pre_fault_memory)))
         err, r.gpa, r.size = v.vm.pre_fault(r.gpa, r.size, r.flags, v.run_addr)
-        copy_to_user(arg, r.to_bytes())
+        self._cout(arg, r.to_bytes())
         if err:
             raise OSError(err, f"KVM_PRE_FAULT_MEMORY: {os.strerror(err)}")
         return 0

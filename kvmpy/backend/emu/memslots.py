@@ -26,6 +26,7 @@ TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE       # x86-64, 4-level paging: access_ok(
 LOG_DIRTY = int(MemFlag.LOG_DIRTY_PAGES)
 READONLY = int(MemFlag.READONLY)
 GUEST_MEMFD = int(MemFlag.GUEST_MEMFD)
+CAP_READONLY_MEM = int(Cap.READONLY_MEM)
 V1_FLAGS = LOG_DIRTY | READONLY
 
 
@@ -82,7 +83,7 @@ def check_flags(vm: EmuVm, r: RegionArgs) -> None:
     if r.flags & GUEST_MEMFD:
         valid &= ~LOG_DIRTY
     # GUEST_MEMFD is incompatible with read-only slots (writes to them are MMIO).
-    if vm.profile.cap(Cap.READONLY_MEM, vm.type) and not r.flags & GUEST_MEMFD:
+    if vm.profile.cap(CAP_READONLY_MEM, vm.type) and not r.flags & GUEST_MEMFD:
         valid |= READONLY
     if r.flags & ~valid:
         raise _einval(f"memslot flags {r.flags:#x} not in {valid:#x} for this VM type")

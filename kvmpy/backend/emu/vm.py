@@ -31,6 +31,11 @@ from .memslots import EmuMemslot, RegionArgs, is_private_vm, set_memory_region
 from .profiles import KVM_MAX_VCPU_IDS, Profile
 
 KVM_MIN_ALLOC_MMU_PAGES = 64
+# Plain ints for the hot paths (Enum member access and IntFlag operators are slow).
+ATTR_PRIVATE = int(MemoryAttribute.PRIVATE)
+CAP_EXIT_HYPERCALL = int(Cap.EXIT_HYPERCALL)
+CAP_PRE_FAULT_MEMORY = int(Cap.PRE_FAULT_MEMORY)
+CAP_MAX_VCPUS = int(Cap.MAX_VCPUS)
 
 
 class VcpuLike(Protocol):
@@ -151,7 +156,7 @@ class EmuVm:
     # --- memory attributes -----------------------------------------------------------------------
     def supported_attributes(self) -> int:
         """kvm_supported_mem_attributes(): PRIVATE for VMs with private memory."""
-        return int(MemoryAttribute.PRIVATE) if is_private_vm(self.type) else 0
+        return ATTR_PRIVATE if is_private_vm(self.type) else 0
 
     def set_memory_attributes(self, address: int, size: int, attributes: int,
                               flags: int) -> None:
@@ -168,7 +173,7 @@ class EmuVm:
         if address % PAGE_SIZE or size % PAGE_SIZE:
             raise OSError(errno.EINVAL, "address/size not page aligned")
         start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
-        private = bool(attributes & MemoryAttribute.PRIVATE)
+        private = bool(attributes & ATTR_PRIVATE)
         with self.lock:
             if self.attributes.all_equal(start, end, private):
                 return
@@ -195,8 +200,8 @@ class EmuVm:
         (api.rst 7.37: args[0] is a mask of hypercalls that exit, within the cap's value)."""
         if flags:
             raise OSError(errno.EINVAL, "KVM_ENABLE_CAP flags must be 0")
-        if cap == Cap.EXIT_HYPERCALL and self.check_extension(Cap.EXIT_HYPERCALL):
-            valid = self.check_extension(Cap.EXIT_HYPERCALL)
+        if cap == CAP_EXIT_HYPERCALL and self.check_extension(CAP_EXIT_HYPERCALL):
+            valid = self.check_extension(CAP_EXIT_HYPERCALL)
             if args[0] & ~valid:
                 raise OSError(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL mask {args[0]:#x} "
                                             f"outside {valid:#x}")
@@ -231,7 +236,7 @@ class EmuVm:
         with self.lock:
             if vcpu_id >= KVM_MAX_VCPU_IDS:
                 raise OSError(errno.EINVAL, f"vcpu id {vcpu_id} >= KVM_MAX_VCPU_IDS")
-            if self.created_vcpus >= self.profile.cap(Cap.MAX_VCPUS):
+            if self.created_vcpus >= self.profile.cap(CAP_MAX_VCPUS):
                 raise OSError(errno.EINVAL, "KVM_CAP_MAX_VCPUS reached")
             if vcpu_id in self.vcpu_ids:
                 raise OSError(errno.EEXIST, f"vcpu id {vcpu_id} exists")
@@ -257,7 +262,7 @@ class EmuVm:
             return errno.EINVAL, gpa, size
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size == 0 or gpa + size >= 1 << 64:
             return errno.EINVAL, gpa, size
-        if not self.check_extension(Cap.PRE_FAULT_MEMORY):
+        if not self.check_extension(CAP_PRE_FAULT_MEMORY):
             return self.profile.pre_fault_absent_errno, gpa, size
         full = size
         err = 0
