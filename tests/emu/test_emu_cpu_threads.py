@@ -26,7 +26,7 @@ def _in_thread(fn, *args):
     def body() -> None:
         try:
             out["ret"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - reported to the test
+        except BaseException as e:  # reported to the test
             out["exc"] = e
 
     t = threading.Thread(target=body, daemon=True)

@@ -82,6 +82,7 @@ CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
 CR4_PAE, CR4_LA57 = 1 << 5, 1 << 12
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 RFLAGS_FIXED = 0x2
+RFLAGS_RF = 1 << 16
 
 # CR4 bits KVM knows at all (arch/x86/include/asm/kvm_host.h CR4_RESERVED_BITS), and the
 # CPUID feature each CPUID-dependent bit needs (__cr4_reserved_bits()): (leaf, reg, bit).
@@ -362,11 +363,12 @@ class EmuVcpu:
 
     # ================================================================ hooks (engine thread)
     def _on_in(self, uc: Any, port: int, size: int, ud: Any) -> int:
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
-        self._ev = ("in", port, size, rip)
+        rip, rax = uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RAX])
+        # RAX is restored after the stop: KVM writes it only when userspace completes the IN
+        # (a 4-byte IN would otherwise zero-extend into RAX now).
+        self._ev = ("in", port, size, rip, rax)
         uc.emu_stop()
-        # Leave RAX as it is: KVM writes it only when userspace completes the IN.
-        return int(uc.reg_read(X.UC_X86_REG_RAX)) & ((1 << (8 * size)) - 1)
+        return int(rax) & ((1 << (8 * size)) - 1)
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, ud: Any) -> None:
         self._ev = ("out", port, size, value)
@@ -503,7 +505,15 @@ class EmuVcpu:
                 uc.emu_start(rip, 0, 0, self._slice)
             except UcError as e:
                 err = e.errno
-            if self._ev is None and not err and E.executed(uc) > self._slice:
+            n = E.executed(uc)
+            if n >= 2 or (n == 1 and not err and (self._ev is None or
+                                                   self._ev[0] in ("in", "out"))):
+                # The CPU clears RFLAGS.RF once an instruction completes; unicorn never does
+                # (it is set in the frame of a fault and comes back with IRETQ).
+                fl = uc.reg_read(X.UC_X86_REG_RFLAGS)
+                if fl & RFLAGS_RF:
+                    uc.reg_write(X.UC_X86_REG_RFLAGS, fl & ~RFLAGS_RF)
+            if self._ev is None and not err and n > self._slice:
                 # End of a slice: adapt its length, then the loop checks kicks/preemption.
                 dt = time.perf_counter() - t0
                 if dt > SLICE_SLOW_S:
@@ -534,12 +544,12 @@ class EmuVcpu:
             self._pending = ("out",)
             return self._exit(ExitReason.IO)
         if kind == "in":
-            _, port, size, in_rip = ev
+            _, port, size, in_rip, rax = ev
             next_rip = uc.reg_read(X.UC_X86_REG_RIP)
             if not self._is_plain_in(in_rip):
                 return self._internal(InternalSuberror.EMULATION,
                                       "string IN (ins) is not modelled", [in_rip])
-            uc.reg_write(X.UC_X86_REG_RIP, in_rip)
+            uc.reg_write_batch([(X.UC_X86_REG_RIP, in_rip), (X.UC_X86_REG_RAX, rax)])
             self._io_exit(IoDirection.IN, port, size)
             self._pending = ("in", in_rip, next_rip, size)
             return self._exit(ExitReason.IO)
