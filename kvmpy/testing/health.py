@@ -204,7 +204,10 @@ class HealthChecker:
         bad = [i for i, line in enumerate(st.lines) if BAD_LINE.search(line)]
         if len(bad) > st.reported_bad:
             first = bad[st.reported_bad]
-            short.append(f"kernel logged {st.lines[first].strip()!r}")
+            # The summary names the WARN/BUG itself, not the "cut here" line before it.
+            new_bad = [st.lines[i].strip() for i in bad[st.reported_bad:]]
+            short.append("kernel logged "
+                         + repr(next((x for x in new_bad if "cut here" not in x), new_bad[0])))
             shown = st.lines[first:first + MAX_SHOWN]
             parts.append(f"the kernel logged {len(bad) - st.reported_bad} WARN/BUG-class "
                          f"line(s) during this test on real KVM:")
