@@ -121,6 +121,8 @@ class EmuVcpu:
         self.run_addr = run_addr
         self.run = kvm_run.from_address(run_addr)
         self.uc = E.new_engine()
+        self.regs = E.FastRegs(self.uc)
+        self._counter = E.counter(self.uc)
         self.phys = PhysMap(self.uc, vm)
         self.sched = scheduler_for(vm)
         self._ioctl_lock = threading.RLock()
@@ -138,12 +140,15 @@ class EmuVcpu:
         self._kicked = False
         self._preempt = False
         self._slice = 50_000
+        self._ensured_cr3 = -1
+        self._ensured_gen = -1
+        self._plain_in: dict[int, bool] = {}     # IN instruction RIP -> not a string IN
         self._fix_exception = False
         self._closed = False
         self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
         regs = [0] * 18
         regs[3], regs[16], regs[17] = 0x600, 0xFFF0, RFLAGS_FIXED
-        E.write_gprs(self.uc, regs)
+        self.regs.write_gprs(regs)
         uc = self.uc
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
@@ -163,7 +168,7 @@ class EmuVcpu:
             if request == Ioctl.KVM_RUN:
                 return self._kvm_run()
             if request == Ioctl.KVM_GET_REGS:
-                copy_to_user(arg, self._get_regs().to_bytes())
+                copy_to_user(arg, self.regs.gprs_bytes())
                 return 0
             if request == Ioctl.KVM_SET_REGS:
                 self._set_regs(kvm_regs.from_buffer_copy(copy_from_user(arg, 144)))
@@ -193,13 +198,13 @@ class EmuVcpu:
 
     # ================================================================ registers
     def _get_regs(self) -> kvm_regs:
-        return kvm_regs(*E.read_gprs(self.uc))
+        return kvm_regs(*self.regs.read_gprs())
 
     def _set_regs(self, r: kvm_regs) -> None:
         # __set_regs(): RFLAGS bit 1 is forced; a pending exception is dropped.
         vals = [getattr(r, n) for n in E.REG_NAMES]
         vals[17] |= RFLAGS_FIXED
-        E.write_gprs(self.uc, vals)
+        self.regs.write_gprs(vals)
         self._pending_event = None
 
     def _get_sregs(self) -> kvm_sregs:
@@ -363,7 +368,7 @@ class EmuVcpu:
 
     # ================================================================ hooks (engine thread)
     def _on_in(self, uc: Any, port: int, size: int, ud: Any) -> int:
-        rip, rax = uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_RAX])
+        rip, rax = self.regs.read(X.UC_X86_REG_RIP), self.regs.read(X.UC_X86_REG_RAX)
         # RAX is restored after the stop: KVM writes it only when userspace completes the IN
         # (a 4-byte IN would otherwise zero-extend into RAX now).
         self._ev = ("in", port, size, rip, rax)
@@ -478,6 +483,7 @@ class EmuVcpu:
             if self.phys.flush_needed:
                 self.phys.flush_needed = False
                 uc.ctl_flush_tb()
+                self._plain_in.clear()
             if self._kicked:
                 return self._intr()
             if self._preempt:
@@ -495,24 +501,28 @@ class EmuVcpu:
             if self._fix_exception:
                 self._fix_exception = False
                 E.reset_old_exception(uc)
-            cr3 = uc.reg_read(X.UC_X86_REG_CR3)
-            self.phys.ensure(cr3 & 0x000F_FFFF_FFFF_F000)
+            regs = self.regs
+            cr3 = regs.read(X.UC_X86_REG_CR3) & 0x000F_FFFF_FFFF_F000
+            if cr3 != self._ensured_cr3 or self.phys.generation != self._ensured_gen:
+                # Page tables are walked by unicorn without hooks: map their slot first.
+                self.phys.ensure(cr3)
+                self._ensured_cr3, self._ensured_gen = cr3, self.phys.generation
             self._ev = None
-            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            rip = regs.read(X.UC_X86_REG_RIP)
             err = 0
             t0 = time.perf_counter()
             try:
                 uc.emu_start(rip, 0, 0, self._slice)
             except UcError as e:
                 err = e.errno
-            n = E.executed(uc)
+            n = self._counter.value
             if n >= 2 or (n == 1 and not err and (self._ev is None or
                                                    self._ev[0] in ("in", "out"))):
                 # The CPU clears RFLAGS.RF once an instruction completes; unicorn never does
                 # (it is set in the frame of a fault and comes back with IRETQ).
-                fl = uc.reg_read(X.UC_X86_REG_RFLAGS)
+                fl = regs.read(X.UC_X86_REG_RFLAGS)
                 if fl & RFLAGS_RF:
-                    uc.reg_write(X.UC_X86_REG_RFLAGS, fl & ~RFLAGS_RF)
+                    regs.write(X.UC_X86_REG_RFLAGS, fl & ~RFLAGS_RF)
             if self._ev is None and not err and n > self._slice:
                 # End of a slice: adapt its length, then the loop checks kicks/preemption.
                 dt = time.perf_counter() - t0
@@ -545,11 +555,12 @@ class EmuVcpu:
             return self._exit(ExitReason.IO)
         if kind == "in":
             _, port, size, in_rip, rax = ev
-            next_rip = uc.reg_read(X.UC_X86_REG_RIP)
+            next_rip = self.regs.read(X.UC_X86_REG_RIP)
             if not self._is_plain_in(in_rip):
                 return self._internal(InternalSuberror.EMULATION,
                                       "string IN (ins) is not modelled", [in_rip])
-            uc.reg_write_batch([(X.UC_X86_REG_RIP, in_rip), (X.UC_X86_REG_RAX, rax)])
+            self.regs.write(X.UC_X86_REG_RIP, in_rip)
+            self.regs.write(X.UC_X86_REG_RAX, rax)
             self._io_exit(IoDirection.IN, port, size)
             self._pending = ("in", in_rip, next_rip, size)
             return self._exit(ExitReason.IO)
@@ -639,14 +650,15 @@ class EmuVcpu:
             _, in_rip, next_rip, size = p
             # complete_fast_pio_in(): dropped if userspace moved RIP; sizes below 4 merge
             # into RAX, 4 zero-extends.
-            if uc.reg_read(X.UC_X86_REG_RIP) != in_rip:
+            regs = self.regs
+            if regs.read(X.UC_X86_REG_RIP) != in_rip:
                 return
             data = int.from_bytes(ctypes.string_at(self.run_addr + IO_DATA_OFFSET, size),
                                   "little")
-            rax = uc.reg_read(X.UC_X86_REG_RAX) if size < 4 else 0
+            rax = regs.read(X.UC_X86_REG_RAX) if size < 4 else 0
             mask = (1 << (8 * size)) - 1
-            uc.reg_write_batch([(X.UC_X86_REG_RAX, (rax & ~mask) | data),
-                                (X.UC_X86_REG_RIP, next_rip)])
+            regs.write(X.UC_X86_REG_RAX, (rax & ~mask) | data)
+            regs.write(X.UC_X86_REG_RIP, next_rip)
         elif p[0] == "hypercall":
             # complete_hypercall_exit(): hypercall.ret to RAX, skip the instruction.
             uc.reg_write_batch([(X.UC_X86_REG_RAX, self.run.exit.hypercall.ret),
@@ -705,6 +717,14 @@ class EmuVcpu:
         return out
 
     def _is_plain_in(self, rip: int) -> bool:
+        known = self._plain_in.get(rip)
+        if known is not None:
+            return known
+        plain = self._decode_plain_in(rip)
+        self._plain_in[rip] = plain
+        return plain
+
+    def _decode_plain_in(self, rip: int) -> bool:
         try:
             b = self._read_virt(rip, 15)
         except (GuestFault, PhysFault):

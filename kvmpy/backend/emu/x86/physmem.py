@@ -304,6 +304,8 @@ class PhysMap:
         self._plock = threading.Lock()
         #: Set when mapped contents may have changed: translated code must be flushed.
         self.flush_needed = False
+        #: Bumped whenever a slot map is built or dropped.
+        self.generation = 0
 
     # --- invalidation (any thread) ----------------------------------------------------------
     def invalidate(self, lo: int, hi: int) -> None:
@@ -337,6 +339,7 @@ class PhysMap:
     def _drop(self, key: int) -> None:
         sm = self.slots.pop(key)
         sm.close()
+        self.generation += 1
 
     # --- lookups (engine thread) ------------------------------------------------------------
     def ensure(self, gpa: int) -> SlotMap | None:
@@ -357,6 +360,7 @@ class PhysMap:
                     self._drop(key)
             sm = SlotMap(self.uc, self.vm, slot)
             self.slots[slot.key] = sm
+            self.generation += 1
             self.flush_needed = True
             return sm
 
