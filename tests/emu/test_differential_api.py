@@ -406,9 +406,61 @@ def probe_pre_fault(kvm: Kvm, r: Rec) -> None:
             r.note(name, (errno.errorcode[e] if e else 0, pf.gpa, pf.size))
 
 
+def _random_ops(seed: int) -> Callable[[Kvm, Rec], None]:
+    """A seeded random sequence of memslot (v1/v2, guest_memfd) and guest_memfd file operations:
+    the emulator must agree with KVM on every errno, whatever state earlier steps left."""
+
+    def probe(kvm: Kvm, r: Rec) -> None:
+        import random
+
+        rng = random.Random(seed)
+        b = kvm.backend
+        with kvm.create_vm() as vm, kvm.create_vm() as other, SharedMemory(b, 4 * MB) as mem:
+            gmem_ok = vm.check_extension(Cap.GUEST_MEMFD)
+            gs = [vm.create_guest_memfd(2 * MB), vm.create_guest_memfd(MB)] if gmem_ok else []
+            og = other.create_guest_memfd(MB) if gmem_ok else None
+            memfd = os.memfd_create("probe")
+            fds: list[Any] = [*gs, og, memfd, 1000]
+            flags_choice = [0, 0, MemFlag.LOG_DIRTY_PAGES, MemFlag.READONLY, MemFlag.GUEST_MEMFD,
+                            MemFlag.GUEST_MEMFD, MemFlag.GUEST_MEMFD | MemFlag.READONLY, 8]
+            sizes = [0, 4096, 8192, 64 * 1024, 64 * 1024, MB, 4097]
+            try:
+                for i in range(250):
+                    op = rng.random()
+                    if op < 0.75:
+                        slot = rng.randrange(6)
+                        flags = rng.choice(flags_choice)
+                        gpa = GIB4 + rng.randrange(48) * 64 * 1024 + (1 if rng.random() < 0.1 else 0)
+                        size = rng.choice(sizes)
+                        hva = mem.addr + rng.randrange(32) * 64 * 1024
+                        gm = rng.choice(fds) if rng.random() < 0.3 else rng.choice(gs or fds)
+                        off = rng.randrange(40) * 64 * 1024
+                        if rng.random() < 0.2:
+                            r.err(f"{i} v1 {slot} {flags:#x} {gpa:#x} {size:#x}",
+                                  vm.try_set_user_memory_region(slot, flags, gpa, size, hva))
+                        else:
+                            r.err(f"{i} v2 {slot} {flags:#x} {gpa:#x} {size:#x} {off:#x}",
+                                  vm.try_set_user_memory_region2(slot, flags, gpa, size, hva,
+                                                                 gm, off))
+                    elif gs:
+                        g = rng.choice(gs)
+                        mode = rng.choice([FALLOC_FL_KEEP_SIZE,
+                                           FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0])
+                        off = rng.randrange(40) * 64 * 1024 + rng.choice([0, 0, 1])
+                        length = rng.choice([4096, 64 * 1024, MB, 0])
+                        r.err(f"{i} fallocate {mode} {off:#x} {length:#x}",
+                              g.try_fallocate(off, length, mode))
+            finally:
+                os.close(memfd)
+
+    probe.__name__ = f"probe_random_{seed}"
+    return probe
+
+
 PROBES = [probe_caps_and_vm_types, probe_system_ioctls, probe_vm_misc, probe_memslots_v1,
           probe_memslots_v2_gmem, probe_gmem_create, probe_gmem_file_ops, probe_gmem_mmap,
-          probe_gmem_sigbus, probe_gmem_outlives_vm, probe_memory_attributes]
+          probe_gmem_sigbus, probe_gmem_outlives_vm, probe_memory_attributes,
+          *(_random_ops(seed) for seed in range(6))]
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.__name__[6:] for p in PROBES])
