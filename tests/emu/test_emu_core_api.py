@@ -219,3 +219,18 @@ def test_profile_replace_keeps_semantics() -> None:
                                          Cap.PRE_FAULT_MEMORY: 0})
     with Kvm(EmuBackend(p)) as kvm:
         assert kvm.check_extension(Cap.PRE_FAULT_MEMORY) == 0
+
+
+def test_plugin_emu_profile_option(pytester: pytest.Pytester) -> None:
+    """--emu-profile reaches the backend fixture and the run header names it."""
+    pytester.makepyfile(
+        """
+        def test_profile(backend):
+            assert backend.name == "emu"
+            assert backend.profile.name == "6.12"
+        """
+    )
+    r = pytester.runpytest("-p", "kvmpy.testing.plugin", "--backend", "emu",
+                           "--emu-profile", "6.12")
+    r.assert_outcomes(passed=1)
+    r.stdout.fnmatch_lines(["*emulated KVM profile: 6.12*"])
