@@ -27,6 +27,9 @@ from .testing.ktap import OUTCOMES, Result, Results
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_SKIP, EXIT_NO_TESTS = 0, 1, 2, 4, 5
 
+#: Seconds between progress lines when the output is not a terminal.
+PROGRESS_EVERY = 30.0
+
 DEFAULT_TIMEOUT = 120  # kvm selftests' own `settings` file: timeout=120
 
 
@@ -79,7 +82,16 @@ def pytest_args(args: argparse.Namespace) -> list[str]:
 
 # -- header ------------------------------------------------------------------------------------
 
-def header_lines(backends: list[str], choice: str) -> list[str]:
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def header_lines(backends: list[str], choice: str, emu_profile: str | None = None) -> list[str]:
     """Kernel, KVM module and parameters, and per backend the VM types and guest_memfd flags."""
     from .backend.host import kvm_module, kvm_module_params
     from .backend.select import kvm_available, make_backend
@@ -97,7 +109,7 @@ def header_lines(backends: list[str], choice: str) -> list[str]:
         lines.append(f"KVM       unavailable: {why}")
     for name in backends:
         try:
-            rep = probe(make_backend(name))
+            rep = probe(make_backend(name, emu_profile) if name == "emu" else make_backend(name))
         except (KvmUnavailable, NotImplementedError, KvmError, OSError) as e:
             lines.append(f"[{name}]     unavailable: {e}")
             continue
@@ -126,6 +138,7 @@ class Progress:
         self._live: Any = None
         self.noted: set[str] = set()
         self.sink = io.StringIO()
+        self.last_printed = self.started
 
     def _line(self) -> Any:
         from rich.text import Text
@@ -165,16 +178,23 @@ class Progress:
                               transient=True)
             self._live.start()
 
-    def pytest_collection_finish(self, session: pytest.Session) -> None:
-        self.results.expect([i.nodeid for i in session.items])
+    def _collected(self, ids: list[str]) -> None:
+        first = not self.results.order
+        self.results.expect(ids)
         self.total = len(self.results.order)
+        if first:
+            # Start-up cost (imports, collection) is worth knowing on slow machines and in VMs.
+            self.console.print(f"collected {self.total} tests "
+                               f"{time.monotonic() - self.started:.1f} s after start",
+                               highlight=False)
         self._refresh()
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._collected([i.nodeid for i in session.items])
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: object, ids: list[str]) -> None:
-        self.results.expect(list(ids))
-        self.total = len(self.results.order)
-        self._refresh()
+        self._collected(list(ids))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         r = self.results.add(report)
@@ -182,6 +202,10 @@ class Progress:
         if report.when == "teardown" or report.failed:
             self._note(r)
         self._refresh()
+        if self._live is None and time.monotonic() - self.last_printed > PROGRESS_EVERY:
+            # No live line in a log (CI, a VM console): a progress line now and then instead.
+            self.last_printed = time.monotonic()
+            self.console.print(self._line())
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
@@ -282,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         backends = [args.backend]
     console.rule("kvmpy run")
-    for line in header_lines(backends, args.backend):
+    for line in header_lines(backends, args.backend, _option_value(argv, "--emu-profile")):
         console.print(line, markup=False, highlight=False)
     console.print("pytest " + " ".join(argv), markup=False, highlight=False, style="dim")
 

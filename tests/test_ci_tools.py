@@ -1,0 +1,233 @@
+"""ci/: the VM runner's pieces (bzImage version, initramfs, verdicts), compare-results,
+build-kernel's argument and config checks, and a real boot that must be reported as a panic."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CI = REPO / "ci"
+SHARED_KERNEL = REPO.parent / "shared/kernels/linux-6.12.117-sw-protected/bzImage"
+
+
+def load_script(name: str) -> types.ModuleType:
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(CI / name))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+vm_run = load_script("vm-run")
+
+
+def fake_bzimage(path: Path, version: str) -> Path:
+    img = bytearray(0x4000)
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x20E, 0x1000)
+    ver = version.encode() + b"\0"
+    img[0x1200:0x1200 + len(ver)] = ver
+    path.write_bytes(bytes(img))
+    return path
+
+
+def test_kernel_version_from_setup_header(tmp_path: Path) -> None:
+    img = fake_bzimage(tmp_path / "bzImage", "6.12.117 (root@vm) #3 SMP")
+    assert vm_run.kernel_version(img) == "6.12.117 (root@vm) #3 SMP"
+    (tmp_path / "junk").write_bytes(b"\0" * 0x1000)
+    with pytest.raises(SystemExit, match="not an x86 bzImage"):
+        vm_run.kernel_version(tmp_path / "junk")
+
+
+def test_kernel_version_of_the_shared_kernel() -> None:
+    if not SHARED_KERNEL.exists():
+        pytest.skip(f"{SHARED_KERNEL} not present (CI clones main with shared/ beside it)")
+    assert vm_run.kernel_version(SHARED_KERNEL).startswith("6.12.117 ")
+
+
+def test_initramfs_is_a_valid_newc_archive(tmp_path: Path) -> None:
+    if not shutil.which("cpio"):
+        pytest.skip("cpio(1) not installed: cannot cross-check the archive")
+    bb = tmp_path / "busybox"
+    bb.write_bytes(b"\x7fELF-not-really")
+    out = tmp_path / "initramfs.cpio"
+    vm_run.build_initramfs(out, bb, [("kvm", b"module-bytes")], Path("/work/repo"), 99, "1G")
+    listing = subprocess.run(["cpio", "-itv"], input=out.read_bytes(), capture_output=True,
+                             check=True).stdout.decode()
+    for name in ("init", "bin/busybox", "modules.order", "lib/modules/kvm.ko"):
+        assert any(line.endswith(" " + name) for line in listing.splitlines()), name
+    extract = tmp_path / "x"
+    extract.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], input=out.read_bytes(), cwd=extract, check=True)
+    init = (extract / "init").read_text()
+    assert init.startswith("#!/bin/busybox sh")
+    assert "lowerdir=$R/work/repo" in init and "timeout -s KILL 99 chroot" in init
+    assert (extract / "lib/modules/kvm.ko").read_bytes() == b"module-bytes"
+    assert (extract / "init").stat().st_mode & 0o111
+
+
+def test_module_order_follows_modules_dep(tmp_path: Path) -> None:
+    d = tmp_path / "mods"
+    (d / "kernel").mkdir(parents=True)
+    for m in ("netfs", "9pnet", "9pnet_virtio", "9p", "kvm", "kvm-amd"):
+        (d / f"kernel/{m}.ko").write_bytes(m.encode())
+    (d / "modules.dep").write_text(textwrap.dedent("""\
+        kernel/9p.ko: kernel/netfs.ko kernel/9pnet.ko
+        kernel/9pnet_virtio.ko: kernel/9pnet.ko
+        kernel/netfs.ko:
+        kernel/9pnet.ko:
+        kernel/kvm-amd.ko: kernel/kvm.ko
+        kernel/kvm.ko:
+        """))
+    names = [n for n, _ in vm_run.module_files(d)]
+    assert names.index("netfs") < names.index("9p") and names.index("9pnet") < names.index("9p")
+    assert names.index("9pnet") < names.index("9pnet_virtio")
+    assert names.index("kvm") < names.index("kvm_amd")
+
+
+def test_console_scan_finds_markers_and_panics() -> None:
+    o = vm_run.Outcome()
+    for line in ["[    1.0] Linux version 6.12.117", f"{vm_run.MARK} BOOTED 6.12.117 4.20",
+                 f"{vm_run.MARK} PYTEST-START 5.00",
+                 "[   9.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b",
+                 "[   8.0] BUG: kernel NULL pointer dereference, address: 0000000000000008"]:
+        vm_run.scan(line, o, 0.0)
+    assert o.guest_release == "6.12.117" and o.guest_boot_uptime == 4.2
+    assert o.pytest_start_uptime == 5.0 and o.exit_rc is None
+    assert o.panic and "Attempted to kill init" in o.panic[0]
+    assert o.oops and "NULL pointer" in o.oops[0]
+    vm_run.scan(f"{vm_run.MARK} EXIT 4", o, 0.0)
+    assert o.exit_rc == 4
+
+
+def test_vm_run_refuses_a_missing_kernel(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(CI / "vm-run"), "--kernel", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stdout
+
+
+def _qemu_or_skip() -> None:
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    if not SHARED_KERNEL.exists():
+        pytest.skip(f"{SHARED_KERNEL} not present")
+
+
+@pytest.mark.slow
+def test_guest_panic_is_reported_as_such(tmp_path: Path) -> None:
+    """A real boot whose init cannot run: the kernel panics; vm-run must say so and exit 3."""
+    _qemu_or_skip()
+    r = subprocess.run([sys.executable, str(CI / "vm-run"), "--kernel", str(SHARED_KERNEL),
+                        "--results", str(tmp_path), "--append", "rdinit=/no/such/init init=/none",
+                        "--boot-timeout", "120", "--timeout", "180", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "GUEST KERNEL PANIC" in r.stdout
+    assert (tmp_path / "console.log").exists()
+    assert '"exit": 3' in (tmp_path / "vm-run.json").read_text()
+
+
+def test_boot_timeout_is_reported_and_qemu_killed(tmp_path: Path) -> None:
+    _qemu_or_skip()
+    r = subprocess.run([sys.executable, str(CI / "vm-run"), "--kernel", str(SHARED_KERNEL),
+                        "--results", str(tmp_path), "--boot-timeout", "1", "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 124, r.stdout + r.stderr
+    assert "TIMEOUT: the guest did not boot within 1 s" in r.stdout
+    assert subprocess.run(["pgrep", "-f", f"path={tmp_path},mount_tag=results"],
+                          capture_output=True).returncode == 1, "QEMU left running"
+
+
+# -- compare-results ---------------------------------------------------------------------------
+
+def junit(path: Path, cases: dict[str, str]) -> Path:
+    body = []
+    for name, outcome in cases.items():
+        inner = {"pass": "", "fail": '<failure message="boom">x</failure>',
+                 "error": '<error message="setup">x</error>',
+                 "xfail": '<skipped type="pytest.xfail" message="known" />'}.get(outcome)
+        if inner is None:
+            inner = f'<skipped type="pytest.skip" message="{outcome[5:]}" />'
+        body.append(f'<testcase classname="selftests.test_a" name="{name}">{inner}</testcase>')
+    path.write_text(f'<testsuites><testsuite name="pytest">{"".join(body)}</testsuite>'
+                    f"</testsuites>")
+    return path
+
+
+def compare(tmp_path: Path, kvm: dict[str, str], emu: dict[str, str]
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(CI / "compare-results"),
+                           str(junit(tmp_path / "k.xml", kvm)), str(junit(tmp_path / "e.xml", emu)),
+                           "--report", str(tmp_path / "r.txt")],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_compare_agreeing_runs(tmp_path: Path) -> None:
+    r = compare(tmp_path, {"t[default-kvm]": "pass", "u[kvm]": "xfail",
+                           "v[kvm]": "skip:hugetlb pages: HugePages_Free=0"},
+                {"t[default-emu]": "pass", "u[emu]": "xfail", "v[emu]": "pass"})
+    assert r.returncode == 0, r.stdout
+    assert "agree: 2; disagree: 0; skipped on one side only for a non-KVM reason: 1" in r.stdout
+    assert (tmp_path / "r.txt").read_text() == r.stdout
+
+
+def test_compare_outcome_disagreement_fails(tmp_path: Path) -> None:
+    r = compare(tmp_path, {"t[sw_protected-kvm]": "pass", "u[kvm]": "error"},
+                {"t[sw_protected-emu]": "fail", "u[emu]": "pass"})
+    assert r.returncode == 1
+    assert "DISAGREE selftests.test_a::t[sw_protected]: kvm pass | emu fail: boom" in r.stdout
+    assert "DISAGREE selftests.test_a::u: kvm error: setup | emu pass" in r.stdout
+
+
+def test_compare_capability_mismatch_fails(tmp_path: Path) -> None:
+    r = compare(tmp_path, {"t[kvm]": "skip:KVM_CAP_PRE_FAULT_MEMORY=0x0 on real KVM"},
+                {"t[emu]": "pass"})
+    assert r.returncode == 1
+    assert "CAPABILITY MISMATCH selftests.test_a::t" in r.stdout
+
+
+def test_compare_nothing_in_common_is_an_error(tmp_path: Path) -> None:
+    r = compare(tmp_path, {"t[kvm]": "pass"}, {"other[emu]": "pass"})
+    assert r.returncode == 2
+
+
+# -- build-kernel ------------------------------------------------------------------------------
+
+def test_build_kernel_rejects_a_non_kernel_tree(tmp_path: Path) -> None:
+    r = subprocess.run([str(CI / "build-kernel"), "--source", str(tmp_path), "--config-only"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "not a kernel source tree" in r.stderr or "missing tools" in r.stderr
+
+
+def test_kernel_fragment_asks_for_what_the_suite_needs() -> None:
+    text = (CI / "kernel.config").read_text()
+    for sym in ("CONFIG_KVM_SW_PROTECTED_VM=y", "CONFIG_EXPERT=y", "CONFIG_KVM_AMD=y",
+                "CONFIG_KVM_INTEL=y", "CONFIG_9P_FS=y", "CONFIG_NET_9P_VIRTIO=y",
+                "CONFIG_VIRTIO_PCI=y", "CONFIG_OVERLAY_FS=y", "CONFIG_SERIAL_8250_CONSOLE=y"):
+        assert f"\n{sym}\n" in text, sym
+
+
+def test_shared_kernel_config_satisfies_the_fragment() -> None:
+    """The prebuilt kernel's config has every symbol the fragment needs for the suite and for
+    booting under vm-run (the fragment's extras for a fuller upstream config are not checked)."""
+    config = SHARED_KERNEL.with_name("config")
+    if not config.exists():
+        pytest.skip(f"{config} not present")
+    have = config.read_text()
+    needed = ["CONFIG_KVM_SW_PROTECTED_VM=y", "CONFIG_KVM_AMD=y", "CONFIG_9P_FS=y",
+              "CONFIG_NET_9P_VIRTIO=y", "CONFIG_OVERLAY_FS=y", "CONFIG_DEVTMPFS=y",
+              "CONFIG_TMPFS=y", "CONFIG_SERIAL_8250_CONSOLE=y", "CONFIG_BLK_DEV_INITRD=y"]
+    for sym in needed:
+        assert f"\n{sym}\n" in have, sym
