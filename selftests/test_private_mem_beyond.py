@@ -26,8 +26,6 @@ from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
 from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
 from kvmpy.testing.private import (
-    EMU_GAP_ANON_HLT,
-    EMU_GAP_NOSLOT_PRIVATE,
     MAP_GPA_DO_FALLOCATE,
     MAP_GPA_RANGE_BIT,
     MAP_GPA_SET_ATTRIBUTES,
@@ -37,7 +35,6 @@ from kvmpy.testing.private import (
     OP_MAP,
     Op,
     check_shared,
-    emu_gap,
     enable_map_gpa_range_exit,
     fill_shared,
     require_private_mem,
@@ -111,7 +108,6 @@ def test_userspace_recreates_deleted_slot_on_memory_fault(
     re-read exits with KVM_EXIT_MEMORY_FAULT (PRIVATE: the attribute outlives the slot); the host
     re-creates the slot on the same guest_memfd range and re-runs: the guest reads its own data
     (kept in the guest_memfd), which never reached the shared backing."""
-    emu_gap(request, kvm, EMU_GAP_NOSLOT_PRIVATE)
     mem = g.add_memory(PAGE_SIZE, backing="shmem", gmem=True)
     assert mem.gmem is not None
     mem.fill(0x3C)
@@ -301,8 +297,6 @@ def test_scripted_conversions(g: GuestVm, kvm: Kvm, request: pytest.FixtureReque
                               script: str, backing: str) -> None:
     """A conversion sequence (guest_script) runs to its end with every data check passing, for
     each shared backing type; the host answers the KVM_HC_MAP_GPA_RANGE exits."""
-    if backing in ("anonymous", "thp") and script == "overlapping_2m_then_free_all":
-        emu_gap(request, kvm, EMU_GAP_ANON_HLT)
     enable_map_gpa_range_exit(g.vm)
     gmem = g.vm.create_guest_memfd(4 << 20)
     try:

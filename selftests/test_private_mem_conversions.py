@@ -30,9 +30,7 @@ from kvmpy.guest import BackingUnavailable, GuestVm
 from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
 from kvmpy.testing.private import (
-    EMU_GAP_ANON_HLT,
     ConversionStats,
-    emu_gap,
     enable_map_gpa_range_exit,
     require_private_mem,
     run_conversion_vcpu,
@@ -123,8 +121,6 @@ def test_private_mem_conversions(kvm: Kvm, nr_vcpus: int, nr_slots: int, backing
     fallocate over the range table {(0,4K),(0,2M),(4K,4K),(4K,2M),(2M,4K)} with per-page
     alternation, then punch-hole imprecise and precise; data checked on both sides."""
     require_private_mem(kvm)
-    if backing in ("anonymous", "thp"):
-        emu_gap(request, kvm, EMU_GAP_ANON_HLT)
     g, gmem = setup_vm(kvm, nr_vcpus, nr_slots, backing)
     per_cpu = per_cpu_size(backing)
     try:

@@ -20,7 +20,7 @@ import pytest
 
 from kvmpy.guest import GuestVm, UcallCmd
 from kvmpy.system import Kvm
-from kvmpy.testing.private import EMU_GAP_NOSLOT_PRIVATE, emu_gap, require_private_mem
+from kvmpy.testing.private import require_private_mem
 from kvmpy.uapi import PAGE_SIZE, ExitReason, MemoryExitFlag, VmType
 from kvmpy.vcpu import Exit, Vcpu
 
@@ -60,7 +60,6 @@ def test_private_access_memslot_deleted(g: GuestVm, when: str, kvm: Kvm,
     or may not have read the page yet: the outcome is the same). ``while_spinning``: deleted
     once the guest has SYNCed and is spinning on the (then mapped) private page, so KVM must
     zap the live mapping."""
-    emu_gap(request, kvm, EMU_GAP_NOSLOT_PRIVATE)
     mem = g.add_memory(PAGE_SIZE, gpa=EXITS_TEST_GPA, slot=EXITS_TEST_SLOT,
                        backing="anonymous", gmem=True)
     g.vm.set_private(mem.gpa, PAGE_SIZE)

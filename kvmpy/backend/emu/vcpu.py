@@ -141,6 +141,7 @@ class EmuVcpu:
         self._preempt = False
         self._slice = 50_000
         self._ensured_cr3 = -1
+        self._quiet_stops = 0
         self._ensured_gen = -1
         self._plain_in: dict[int, bool] = {}     # IN instruction RIP -> not a string IN
         self._fix_exception = False
@@ -537,7 +538,6 @@ class EmuVcpu:
 
     def _handle(self, ev: tuple[Any, ...] | None, err: int) -> int | None:
         """Turn one engine stop into an exit (returned), or None to keep running."""
-        uc = self.uc
         run = self.run
         if ev is None:
             if err == UC_ERR_INSN_INVALID:
@@ -545,7 +545,7 @@ class EmuVcpu:
             if err:
                 return self._internal(InternalSuberror.EMULATION,
                                       f"unicorn stopped with error {err}", [err])
-            return self._hlt()
+            return self._quiet_stop()
         kind = ev[0]
         if kind == "out":
             _, port, size, value = ev
@@ -626,6 +626,32 @@ class EmuVcpu:
             i.data[k] = v & MASK64
         self.last_internal_reason = why
         return self._exit(ExitReason.INTERNAL_ERROR)
+
+    def _quiet_stop(self) -> int | None:
+        """emu_start ended before its count with nothing reported: HLT (unicorn has no HLT
+        hook; RIP is then just past an 0xF4). Unicorn 2.1.4 was also seen to end this way AT a
+        vmcall after memory-map changes, instead of reporting UC_ERR_INSN_INVALID; anything
+        else is re-run, and a stop that repeats without progress is an internal error."""
+        rip = self.regs.read(X.UC_X86_REG_RIP)
+        try:
+            before = self._read_virt(rip - 1, 1)
+        except (GuestFault, PhysFault):
+            before = b""
+        if before == b"\xf4":
+            self._quiet_stops = 0
+            return self._hlt()
+        try:
+            here = self._read_virt(rip, 3)
+        except (GuestFault, PhysFault):
+            here = b""
+        if here in HYPERCALL_OPCODES:
+            return self._invalid_insn()
+        self._quiet_stops += 1
+        if self._quiet_stops > 3:
+            self._quiet_stops = 0
+            return self._internal(InternalSuberror.EMULATION,
+                                  f"the engine stops at RIP {rip:#x} without progress", [rip])
+        return None
 
     def _hlt(self) -> int:
         # __kvm_emulate_halt(): KVM_EXIT_HLT without an in-kernel LAPIC; with one the vCPU

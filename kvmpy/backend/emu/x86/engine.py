@@ -152,7 +152,8 @@ class FastRegs:
         return bytes(self._vals)
 
     def write_gprs(self, values: list[int]) -> None:
-        self._vals[:] = values
+        for i, v in enumerate(values):
+            self._vals[i] = v
         self._check(self._lib.uc_reg_write_batch(self._h, self._ids, self._ptrs, len(GPRS)))
 
     def read(self, reg: int) -> int:

@@ -368,6 +368,10 @@ class PhysMap:
         """None if ``gpa`` is (now) mapped in the engine, else what the access becomes."""
         sm = self.ensure(gpa)
         if sm is None:
+            # kvm_handle_noslot_fault(): a private fault without a memslot exits to userspace
+            # (KVM_MEMORY_EXIT_FLAG_PRIVATE) instead of taking the emulated-MMIO path.
+            if self.vm.is_private(gpa):
+                return PhysFault("fault", gpa & ~(PAGE_SIZE - 1), int(MemoryExitFlag.PRIVATE))
             return PhysFault("mmio", gpa)
         flags = sm.trap_flags(gpa)
         if flags is None:
