@@ -184,6 +184,11 @@ def test_mmio_read_and_write_match_real_kvm():
         for i, b in enumerate(b"\x78\x56\x34\x12"):
             p.vcpu.run_struct.exit.mmio.data[i] = b
         assert ex.mmio is not None
+        # The read is completed by a KVM_RUN with immediate_exit too (then EINTR).
+        p.vcpu.immediate_exit = True
+        err = p.vcpu.try_run()
+        p.vcpu.immediate_exit = False
+        t.append(("complete", err, regs_tuple(p)))
         run_rec(p, t, "write")
         run_rec(p, t, "hlt")
 

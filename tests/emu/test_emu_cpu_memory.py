@@ -130,6 +130,19 @@ def test_private_access_without_gmem_is_memory_fault(fake):
     shared.close()
 
 
+def test_private_gfn_without_memslot_is_private_memory_fault(fake):
+    """kvm_handle_noslot_fault(): a private fault with no memslot exits with
+    KVM_EXIT_MEMORY_FAULT (PRIVATE) instead of emulated MMIO; a shared one is MMIO."""
+    vm = FakeVm()
+    g = fake(loop_src(), vm=vm)
+    vm.set_private(GPA, PAGE, True)
+    assert g.h.run() == errno.EFAULT and g.h.exit_reason == ExitReason.MEMORY_FAULT
+    mf = g.h.run_struct.exit.memory_fault
+    assert (mf.flags, mf.gpa, mf.size) == (MemoryExitFlag.PRIVATE, GPA, PAGE)
+    vm.set_private(GPA, PAGE, False)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.MMIO
+
+
 def test_deleted_slot_becomes_mmio_and_readded_slot_is_seen(fake):
     vm = FakeVm()
     g = fake(loop_src(), vm=vm)

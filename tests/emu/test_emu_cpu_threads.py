@@ -58,6 +58,26 @@ def test_kick_outside_run_is_lost():
     g.close()
 
 
+def test_hlt_with_irqchip_blocks_until_kick():
+    """With an in-kernel irqchip KVM does not exit on HLT: the vCPU blocks as HALTED until an
+    event; no interrupt source is modelled, so a kick ends the wait with EINTR."""
+    import ctypes
+
+    from kvmpy.uapi import Ioctl, MpState
+
+    g = Guest("hlt", vm=FakeVm(irqchip=True))
+    t, out = _in_thread(g.h.run)
+    time.sleep(0.2)
+    assert t.is_alive()
+    g.h.vcpu.kick()
+    t.join(5)
+    assert out["ret"] == errno.EINTR and g.h.exit_reason == ExitReason.INTR
+    st = ctypes.c_uint32()
+    g.h.vcpu.ioctl(Ioctl.KVM_GET_MP_STATE, ctypes.addressof(st))
+    assert st.value == MpState.HALTED
+    g.close()
+
+
 def _second_vcpu(vm: FakeVm, rip: int) -> VcpuHarness:
     h = VcpuHarness(vm, 1)
     h.set_sregs(long_mode_sregs())

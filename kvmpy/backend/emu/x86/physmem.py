@@ -111,8 +111,11 @@ def _host_segments(hva: int, size: int, fds: dict[tuple[int, int], int]) -> list
                 except OSError:
                     fd = -1
             if fd >= 0:
-                kind = "file"
-                fsize = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                # hugetlbfs files map only in huge-page units: they cannot back single pages
+                # of the window, so such slots are mapped directly like anonymous memory.
+                kind = "file" if st.st_blksize <= PAGE_SIZE else "anon"
+                fsize = st.st_size
         segs.append(_Seg(s - hva, e - hva, kind, fd, off + (s - lo), fsize))
         pos = e
         if pos >= end:
