@@ -106,6 +106,41 @@ def test_guest_memory_loop_instructions_per_second(benchmark: Any, mem_loop: Emu
     benchmark.extra_info["MIPS_mean"] = round(insns / benchmark.stats.stats.mean / 1e6, 1)
 
 
+def test_raw_unicorn_memory_loop_baseline(benchmark: Any) -> None:
+    """The same loop on a bare unicorn engine (one region, no hooks, one emu_start with a
+    count): the ceiling the emulated vCPU can reach on this machine at this moment, so that
+    MIPS_best of the test above can be read against the host's current speed."""
+    import ctypes
+    import struct
+
+    from unicorn import UC_ARCH_X86, UC_MODE_64
+    from unicorn import x86_const as X
+    from unicorn.unicorn import Uc
+
+    from kvmpy.backend.emu.x86.engine import write_msr
+
+    buf = ctypes.create_string_buffer(0x200000)
+    uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map_ptr(0, 0x200000, 7, ctypes.addressof(buf))
+    uc.mem_write(0x1000, struct.pack("<Q", 0x2003))
+    uc.mem_write(0x2000, struct.pack("<Q", 0x3003))
+    uc.mem_write(0x3000, struct.pack("<Q", 0x83))
+    uc.reg_write(X.UC_X86_REG_CR4, 0x220)
+    uc.reg_write(X.UC_X86_REG_CR3, 0x1000)
+    write_msr(uc, 0xC0000080, 0xD00)
+    uc.reg_write(X.UC_X86_REG_CR0, 0x80000031)
+    uc.mem_write(CODE, asm(f"mov rbx, 0x90000\nmov rcx, {LOOP_ITERS}\n1: mov rax, [rbx]\n"
+                           "add rax, rcx\nmov [rbx], rax\ndec rcx\njnz 1b\nhlt", CODE))
+
+    def run() -> None:
+        uc.emu_start(CODE, 2**64 - 1, 0, 1 << 62)
+
+    run()
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    insns = LOOP_ITERS * INSNS_PER_ITER + 3
+    benchmark.extra_info["MIPS_best"] = round(insns / benchmark.stats.stats.min / 1e6, 1)
+
+
 @pytest.fixture
 def pio_guest() -> Iterator[EmuGuest]:
     g = EmuGuest("""

@@ -142,6 +142,8 @@ class EmuVcpu:
         self._slice = 50_000
         self._ensured_cr3 = -1
         self._quiet_stops = 0
+        # RF can only be set by a delivered fault's frame (via IRETQ) or by KVM_SET_REGS.
+        self._rf_possible = False
         self._ensured_gen = -1
         self._plain_in: dict[int, bool] = {}     # IN instruction RIP -> not a string IN
         self._fix_exception = False
@@ -205,6 +207,7 @@ class EmuVcpu:
         # __set_regs(): RFLAGS bit 1 is forced; a pending exception is dropped.
         vals = [getattr(r, n) for n in E.REG_NAMES]
         vals[17] |= RFLAGS_FIXED
+        self._rf_possible = bool(vals[17] & RFLAGS_RF)
         self.regs.write_gprs(vals)
         self._pending_event = None
 
@@ -517,13 +520,14 @@ class EmuVcpu:
             except UcError as e:
                 err = e.errno
             n = self._counter.value
-            if n >= 2 or (n == 1 and not err and (self._ev is None or
-                                                   self._ev[0] in ("in", "out"))):
+            if self._rf_possible and (n >= 2 or (n == 1 and not err and (
+                    self._ev is None or self._ev[0] in ("in", "out")))):
                 # The CPU clears RFLAGS.RF once an instruction completes; unicorn never does
                 # (it is set in the frame of a fault and comes back with IRETQ).
                 fl = regs.read(X.UC_X86_REG_RFLAGS)
                 if fl & RFLAGS_RF:
                     regs.write(X.UC_X86_REG_RFLAGS, fl & ~RFLAGS_RF)
+                self._rf_possible = False
             if self._ev is None and not err and n > self._slice:
                 # End of a slice: adapt its length, then the loop checks kicks/preemption.
                 dt = time.perf_counter() - t0
@@ -816,6 +820,7 @@ class EmuVcpu:
         st = CpuState(rip, rsp, rflags, cs, ss, gbase, glimit, ibase, ilimit, tr[1],
                       self._paging(), cr2)
         self._fix_exception = True
+        self._rf_possible = True
         try:
             deliver(st, ev, self.phys.read, self.phys.write)
         except TripleFault:
