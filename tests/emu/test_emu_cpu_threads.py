@@ -50,6 +50,22 @@ def test_kick_stops_a_spinning_guest_with_eintr():
     g.close()
 
 
+def test_close_while_another_thread_runs_does_not_hang():
+    """Closing a vCPU whose KVM_RUN spins in another thread returns; the run ends (EINTR) and
+    the engine's mappings are released by whoever finishes last."""
+    g = Guest("1: jmp 1b")
+    t, out = _in_thread(g.h.run)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    g.h.vcpu.close()
+    assert time.monotonic() - t0 < 3.0
+    t.join(5)
+    assert not t.is_alive() and out["ret"] == errno.EINTR
+    assert not g.h.vcpu.phys.slots
+    g.low.close()
+    g.h.runmem.close()
+
+
 def test_kick_outside_run_is_lost():
     """As a signal that arrives outside KVM_RUN: the next run is not interrupted."""
     g = Guest("hlt")

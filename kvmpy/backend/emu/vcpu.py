@@ -169,7 +169,11 @@ class EmuVcpu:
             raise OSError(errno.EBADF, "vCPU is closed")
         with self._ioctl_lock:
             if request == Ioctl.KVM_RUN:
-                return self._kvm_run()
+                try:
+                    return self._kvm_run()
+                finally:
+                    if self._closed:
+                        self._teardown()
             if request == Ioctl.KVM_GET_REGS:
                 copy_to_user(arg, self.regs.gprs_bytes())
                 return 0
@@ -435,12 +439,21 @@ class EmuVcpu:
         self.phys.invalidate(gpa_lo, gpa_hi)
 
     def close(self) -> None:
-        with self._ioctl_lock:
-            if self._closed:
-                return
-            self._closed = True
-            with self.vm.lock:
-                self.phys.close()
+        """Release the engine's mappings. A KVM_RUN still running in another thread (the
+        kernel keeps the file alive for it) is kicked; the last one out tears down."""
+        if self._closed:
+            return
+        self._closed = True
+        self._kicked = True
+        if self._ioctl_lock.acquire(timeout=1.0):
+            try:
+                self._teardown()
+            finally:
+                self._ioctl_lock.release()
+
+    def _teardown(self) -> None:
+        with self.vm.lock:
+            self.phys.close()
 
     # ================================================================ KVM_RUN
     def _kvm_run(self) -> int:
@@ -605,12 +618,9 @@ class EmuVcpu:
 
     # ---------------------------------------------------------------- exits
     def _io_exit(self, direction: int, port: int, size: int) -> None:
-        io = self.run.exit.io
-        io.direction = direction
-        io.size = size
-        io.port = port
-        io.count = 1
-        io.data_offset = IO_DATA_OFFSET
+        # kvm_run.io at offset 32: direction u8, size u8, port u16, count u32, data_offset u64.
+        ctypes.memmove(self.run_addr + 32, struct.pack("<BBHIQ", direction, size, port, 1,
+                                                       IO_DATA_OFFSET), 16)
 
     def _memory_fault(self, gpa: int, flags: int) -> int:
         """kvm_mmu_prepare_memory_fault_exit() and KVM_RUN -1/EFAULT (api.rst,

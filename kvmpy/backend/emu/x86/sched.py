@@ -29,8 +29,12 @@ class RunScheduler:
         self._queue: deque[object] = deque()
 
     def acquire(self, who: Preemptible) -> None:
-        ticket = object()
         with self._cond:
+            if self._owner is None and not self._queue:      # uncontended: no hand-over
+                self._owner = who
+                self._since = time.monotonic()
+                return
+            ticket = object()
             self._queue.append(ticket)
             preempted = False
             while self._owner is not None or self._queue[0] is not ticket:
@@ -56,7 +60,8 @@ class RunScheduler:
     def release(self) -> None:
         with self._cond:
             self._owner = None
-            self._cond.notify_all()
+            if self._queue:
+                self._cond.notify_all()
 
     @property
     def contended(self) -> bool:
