@@ -288,6 +288,10 @@ class Model:
         the store and the key the qword lives at."""
         s = self.slot_at(gpa)
         if s is None:
+            # kvm_handle_noslot_fault() (arch/x86/kvm/mmu/mmu.c, 6.10+): a private fault with
+            # no memslot exits with KVM_EXIT_MEMORY_FAULT (PRIVATE), not emulated MMIO.
+            if self.is_private(gpa):
+                return Fault(MEM_EXIT_FLAG_PRIVATE, gpa & ~(PAGE - 1)), None, 0
             return Mmio(gpa, is_write), None, 0
         off = gpa - s.gpa
         if self.is_private(gpa):
