@@ -17,9 +17,10 @@ from .paging import GuestFault, PagingMode, canonical, make_read64, translate
 VEC_DE, VEC_UD, VEC_DF, VEC_NP, VEC_SS, VEC_GP, VEC_PF = 0, 6, 8, 11, 12, 13, 14
 HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
-# Fault-class exceptions push RFLAGS with RF set (SDM vol. 3, 17.3.1.1); traps (#BP, #OF),
-# aborts (#DF, #MC) and INT n push RF as it is. #DB is not raised by the emulator.
-FAULTS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
+# Fault-class exceptions push RFLAGS with RF set (SDM vol. 3, 17.3.1.1; KVM's
+# exception_type(): everything but #DB/#BP/#OF (traps) and #DF/#MC (aborts)); the RF set for
+# the first fault stays for the events it escalates to (measured on real KVM: #PF -> #DF).
+FAULTS = frozenset(range(32)) - {1, 3, 4, 8, 18}
 RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
 
 
@@ -69,6 +70,8 @@ def deliver(st: CpuState, ev: Event, read: Callable[[int, int], bytes],
     """Deliver ``ev`` (and whatever it escalates to) into ``st``. Raises TripleFault, or lets
     physmem.PhysFault through when delivery touches memory the emulator cannot serve."""
     cur = ev
+    if not ev.soft and ev.vector in FAULTS:
+        st.rflags |= RFLAGS_RF
     while True:
         if cur.vector == VEC_PF and cur.cr2 is not None:
             st.cr2 = cur.cr2
@@ -136,8 +139,7 @@ def _deliver_one(st: CpuState, ev: Event, read: Callable[[int, int], bytes],
     if not canonical(offset):
         raise GuestFault(VEC_GP, 0)
     rsp &= ~0xF & ((1 << 64) - 1)
-    pushed_flags = st.rflags | (RFLAGS_RF if not ev.soft and vec in FAULTS else 0)
-    frame = [st.ss, st.rsp, pushed_flags, st.cs, ev.return_rip]
+    frame = [st.ss, st.rsp, st.rflags, st.cs, ev.return_rip]
     if not ev.soft and vec in HAS_ERROR_CODE:
         frame.append(ev.error_code or 0)
     writes: list[tuple[int, bytes]] = []
