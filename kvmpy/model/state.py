@@ -304,7 +304,8 @@ class Model:
         if where is None:
             return Fault(0, gpa & ~(PAGE - 1)), None, 0
         store, base = where
-        return Mem(store.get(base + off, 0), "shared"), store, base + off
+        src = "gmem" if self._gmem_only(s) else "shared"
+        return Mem(store.get(base + off, 0), src), store, base + off
 
     def guest_read(self, gpa: int) -> Outcome:
         return self.resolve(gpa, False)[0]
