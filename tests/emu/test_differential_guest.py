@@ -171,6 +171,26 @@ def test_out_in_completion_and_hlt_match_real_kvm():
     assert_same(*differential(src, body))
 
 
+def test_string_out_matches_real_kvm():
+    """OUTSB / REP OUTSB: one IO exit per element (KVM's emulator issues count 1 per
+    iteration), with RSI/RCX/RIP as real KVM shows them at every exit."""
+    src = f"""
+    mov rsi, {DATA}
+    mov dword ptr [rsi], 0x44332211
+    mov dx, 0x2000
+    outsb
+    mov ecx, 3
+    rep outsb
+    hlt
+    """
+
+    def body(p: Probe, t: Transcript) -> None:
+        for i in range(5):
+            run_rec(p, t, f"exit{i}")
+
+    assert_same(*differential(src, body))
+
+
 def test_mmio_read_and_write_match_real_kvm():
     src = f"""
     mov rax, {MMIO_GPA}

@@ -384,7 +384,7 @@ class EmuVcpu:
         return int(rax) & ((1 << (8 * size)) - 1)
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, ud: Any) -> None:
-        self._ev = ("out", port, size, value)
+        self._ev = ("out", port, size, value, self.regs.read(X.UC_X86_REG_RIP))
         uc.emu_stop()
 
     def _on_cpuid(self, uc: Any, ud: Any) -> int:
@@ -565,7 +565,12 @@ class EmuVcpu:
             return self._quiet_stop()
         kind = ev[0]
         if kind == "out":
-            _, port, size, value = ev
+            _, port, size, value, insn_rip = ev
+            if self.regs.read(X.UC_X86_REG_RIP) == insn_rip:
+                # A REP OUTS with elements left restarts: KVM's emulator sets RF then.
+                self.regs.write(X.UC_X86_REG_RFLAGS,
+                                self.regs.read(X.UC_X86_REG_RFLAGS) | RFLAGS_RF)
+                self._rf_possible = True
             self._io_exit(IoDirection.OUT, port, size)
             ctypes.memmove(self.run_addr + IO_DATA_OFFSET, value.to_bytes(size, "little"), size)
             self._pending = ("out",)
