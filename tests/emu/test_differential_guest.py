@@ -14,6 +14,7 @@ compared here.
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -187,6 +188,35 @@ def test_string_out_matches_real_kvm():
     def body(p: Probe, t: Transcript) -> None:
         for i in range(5):
             run_rec(p, t, f"exit{i}")
+
+    assert_same(*differential(src, body))
+
+
+def test_readonly_slot_matches_real_kvm():
+    """A KVM_MEM_READONLY slot: reads work, a write exits as MMIO (api.rst 4.35) with RIP
+    after the write, and the backing is unchanged. (An unbacked userspace_addr is not compared:
+    on hosts whose KVM emulates every guest instruction it turns into MMIO, while upstream
+    KVM's page-fault path gives KVM_EXIT_MEMORY_FAULT; the emulator models the latter.)"""
+    from kvmpy.uapi import MemFlag
+
+    gpa_ro = 1 << 32
+    src = f"""
+    mov rbx, {gpa_ro}
+    mov r12, [rbx]
+    mov dword ptr [rbx + 8], 0x55
+    hlt
+    """
+
+    def body(p: Probe, t: Transcript) -> None:
+        ro = SharedMemory(p.kvm.backend, 4096)
+        ro.mapping.write(0, struct.pack("<Q", 0x4242))
+        p.vm.set_user_memory_region(1, MemFlag.READONLY, gpa_ro, 4096, ro.addr)
+        try:
+            run_rec(p, t, "ro-write")
+            t.append(("ro-bytes", ro.mapping.read(0, 16)))
+            run_rec(p, t, "hlt")
+        finally:
+            ro.close()
 
     assert_same(*differential(src, body))
 

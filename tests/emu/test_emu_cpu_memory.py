@@ -196,6 +196,28 @@ def test_unbacked_hva_is_memory_fault_without_private_flag(fake):
     assert (mf.flags, mf.gpa, mf.size) == (0, GPA, PAGE)
 
 
+@pytest.mark.parametrize("prot", [0, 1], ids=["none", "read-only"])
+def test_inaccessible_host_mapping_is_memory_fault_not_a_crash(fake, prot):
+    """A slot over a PROT_NONE or read-only host mapping: KVM cannot fault the page in for the
+    access; the emulator exits with EFAULT (memory fault, flags 0) instead of touching it."""
+    import ctypes.util
+
+    vm = FakeVm()
+    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov [rbx], r12\nhlt", vm=vm)
+    m = mmap.mmap(-1, PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(addr, PAGE, prot) == 0
+    vm.set_slot(1, GPA, PAGE, addr)
+    assert g.h.run() == errno.EFAULT
+    mf = g.h.run_struct.exit.memory_fault
+    assert (g.h.exit_reason, mf.flags, mf.gpa) == (ExitReason.MEMORY_FAULT, 0, GPA)
+    vm.set_slot(1, 0, 0, 0)
+    g.h.vcpu.phys.apply_pending()
+    assert libc.mprotect(addr, PAGE, 3) == 0
+
+
 def test_readonly_slot_write_is_mmio(fake):
     """Writes to a KVM_MEM_READONLY slot exit as MMIO writes (api.rst 4.35); reads work."""
     vm = FakeVm()

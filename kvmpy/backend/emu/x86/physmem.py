@@ -101,7 +101,11 @@ def _host_segments(hva: int, size: int, fds: dict[tuple[int, int], int]) -> list
         dev = parts[3]
         kind = "anon"
         fd, fsize = -1, 0
-        if inode != 0 and "s" in perms:
+        if not ("r" in perms and "w" in perms):
+            # KVM cannot fault in a PROT_NONE page (EFAULT) and cannot write a read-only one;
+            # the emulator must not touch either (SIGSEGV), so both trap (see docs, gaps).
+            kind = "none"
+        elif inode != 0 and "s" in perms:
             key = (hash(dev), inode)
             fd = fds.get(key, -1)
             if fd < 0:
