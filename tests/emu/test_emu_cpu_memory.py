@@ -178,6 +178,29 @@ def test_anonymous_shared_backing_is_mapped_directly(fake):
     g.h.vcpu.phys.apply_pending()
 
 
+def test_anonymous_backing_unmapped_behind_kvm_is_memory_fault_not_a_crash(fake):
+    """The host frees a directly mapped anonymous backing without deleting the slot: KVM
+    (through its MMU notifier) can no longer fault the pages in, so the next access is
+    KVM_EXIT_MEMORY_FAULT; the emulator must not touch the vanished pages."""
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    vm = FakeVm()
+    g = fake(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
+    addr = libc.mmap(None, 2 * PAGE, 3, 0x22, -1, 0)       # MAP_PRIVATE | MAP_ANONYMOUS
+    ctypes.memmove(addr, struct.pack("<Q", 0x77), 8)
+    vm.set_slot(1, GPA, 2 * PAGE, addr)
+    assert g.h.run() == 0 and g.h.get_regs().r12 == 0x77
+    assert libc.munmap(addr, 2 * PAGE) == 0
+    assert g.h.run() == errno.EFAULT
+    mf = g.h.run_struct.exit.memory_fault
+    assert (g.h.exit_reason, mf.flags, mf.gpa) == (ExitReason.MEMORY_FAULT, 0, GPA)
+
+
 def test_unbacked_hva_is_memory_fault_without_private_flag(fake):
     """A shared gfn whose userspace_addr is not mapped: KVM cannot fault the page in and
     KVM_RUN fails with EFAULT (memory fault exit, flags 0)."""

@@ -494,6 +494,7 @@ class EmuVcpu:
 
     def _loop(self) -> int:
         uc = self.uc
+        self.phys.check_direct()
         while True:
             if self.phys.has_pending:
                 self.phys.apply_pending()

@@ -28,6 +28,7 @@ each run) because unicorn's page walker reads physical memory without hooks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from collections.abc import Iterator
@@ -282,6 +283,23 @@ class SlotMap:
             return None
         return st[1]
 
+    def host_still_mapped(self) -> bool:
+        """For a direct slot: whether every host page it points at is still mapped (msync
+        fails with ENOMEM over a hole). Unicorn would SIGSEGV on a vanished page."""
+        if not self.direct:
+            return True
+        return _msync(self.slot.userspace_addr, self.slot.size) == 0 if any(
+            seg.kind == "anon" for seg in self.segs) else True
+
+    def rescan(self) -> None:
+        """Re-read the host mappings behind the slot (KVM follows them with MMU notifiers)."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.segs = _host_segments(self.slot.userspace_addr, self.slot.size, self.fds)
+        self.state = RunMap()
+        self.update(0, self.npages)
+
     def close(self) -> None:
         for r in self.regions:
             try:
@@ -298,6 +316,19 @@ class SlotMap:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+_libc_msync = ctypes.CDLL(None, use_errno=True).msync
+_libc_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc_msync.restype = ctypes.c_int
+MS_ASYNC = 1
+
+
+def _msync(addr: int, size: int) -> int:
+    """0, or the errno of msync(MS_ASYNC) over [addr, addr+size) (ENOMEM: a hole)."""
+    if _libc_msync(addr, size, MS_ASYNC) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 class PhysMap:
@@ -342,6 +373,15 @@ class PhysMap:
                     if sm.update((lo - s.gpa) >> PAGE_SHIFT,
                                  (hi - s.gpa + PAGE_SIZE - 1) >> PAGE_SHIFT):
                         self.flush_needed = True
+
+    def check_direct(self) -> None:
+        """Before running: a directly mapped slot whose host memory was unmapped behind KVM's
+        back is re-resolved (its vanished pages then trap) instead of crashing the process."""
+        for sm in self.slots.values():
+            if sm.direct and not sm.host_still_mapped():
+                with self.vm.lock:
+                    sm.rescan()
+                self.flush_needed = True
 
     def _drop(self, key: int) -> None:
         sm = self.slots.pop(key)
