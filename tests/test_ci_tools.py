@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import lzma
 import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 import types
 from pathlib import Path
 
@@ -77,23 +77,37 @@ def test_initramfs_is_a_valid_newc_archive(tmp_path: Path) -> None:
     assert (extract / "init").stat().st_mode & 0o111
 
 
-def test_module_order_follows_modules_dep(tmp_path: Path) -> None:
-    d = tmp_path / "mods"
-    (d / "kernel").mkdir(parents=True)
-    for m in ("netfs", "9pnet", "9pnet_virtio", "9p", "kvm", "kvm-amd"):
-        (d / f"kernel/{m}.ko").write_bytes(m.encode())
-    (d / "modules.dep").write_text(textwrap.dedent("""\
-        kernel/9p.ko: kernel/netfs.ko kernel/9pnet.ko
-        kernel/9pnet_virtio.ko: kernel/9pnet.ko
-        kernel/netfs.ko:
-        kernel/9pnet.ko:
-        kernel/kvm-amd.ko: kernel/kvm.ko
-        kernel/kvm.ko:
-        """))
+def fake_module(depends: list[str]) -> bytes:
+    """A minimal ELF64 object with a .modinfo section, as a kernel module has."""
+    modinfo = b"license=GPL\0depends=" + ",".join(depends).encode() + b"\0vermagic=6.12\0"
+    shstr = b"\0.modinfo\0.shstrtab\0"
+    data_off = 64
+    shstr_off = data_off + len(modinfo)
+    shoff = (shstr_off + len(shstr) + 7) & ~7
+    hdr = bytearray(64)
+    hdr[:4] = b"\x7fELF"
+    struct.pack_into("<Q", hdr, 0x28, shoff)
+    struct.pack_into("<HHH", hdr, 0x3A, 64, 3, 2)
+    sections = [bytes(64),
+                struct.pack("<IIQQQQIIQQ", 1, 1, 0, 0, data_off, len(modinfo), 0, 0, 1, 0),
+                struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, shstr_off, len(shstr), 0, 0, 1, 0)]
+    body = bytes(hdr) + modinfo + shstr
+    return body + bytes(shoff - len(body)) + b"".join(sections)
+
+
+def test_modules_load_after_their_dependencies(tmp_path: Path) -> None:
+    d = tmp_path / "lib/modules/6.12.0"
+    (d / "kernel/fs").mkdir(parents=True)
+    mods = {"netfs": [], "9pnet": [], "9p": ["netfs", "9pnet"], "9pnet_virtio": ["9pnet"],
+            "kvm": ["irqbypass"], "irqbypass": [], "kvm-amd": ["kvm"], "unrelated": []}
+    for name, deps in mods.items():
+        (d / f"kernel/fs/{name}.ko.xz").write_bytes(lzma.compress(fake_module(deps)))
     names = [n for n, _ in vm_run.module_files(d)]
+    assert "unrelated" not in names and "kvm_amd" in names
     assert names.index("netfs") < names.index("9p") and names.index("9pnet") < names.index("9p")
     assert names.index("9pnet") < names.index("9pnet_virtio")
-    assert names.index("kvm") < names.index("kvm_amd")
+    assert names.index("irqbypass") < names.index("kvm") < names.index("kvm_amd")
+    assert vm_run.modinfo_depends(fake_module(["a", "b-c"])) == ["a", "b_c"]
 
 
 def test_console_scan_finds_markers_and_panics() -> None:
