@@ -148,3 +148,12 @@ def test_gmem_only_slot_serves_shared_from_the_file() -> None:
     assert m.host_read_backing(0, 8) == 0
     assert m.fallocate(gid, PUNCH, 0, PAGE) == OK
     assert m.guest_read(BASE + 8) == Mem(0, "gmem")
+
+
+def test_private_gfn_without_memslot_is_a_memory_fault() -> None:
+    """kvm_handle_noslot_fault() (6.10+): a private gfn with no memslot is
+    KVM_EXIT_MEMORY_FAULT(PRIVATE), a shared one MMIO."""
+    m = model()
+    m.set_attributes(BASE, PAGE, ATTR_PRIVATE)
+    assert m.guest_read(BASE + 8) == Fault(MEM_EXIT_FLAG_PRIVATE, BASE)
+    assert m.guest_write(BASE + PAGE, 1) == Mmio(BASE + PAGE, True)
