@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 # translated first, which can be 100x slower than running it).
 SLICE_MIN, SLICE_MAX = 500, 400_000
 SLICE_FAST_S, SLICE_SLOW_S = 0.001, 0.004
+INVALIDATE_WAIT_S = 2.0
 IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 MASK64 = (1 << 64) - 1
 KVM_MAX_CPUID_ENTRIES = 256
@@ -144,6 +145,9 @@ class EmuVcpu:
         self._quiet_stops = 0
         # RF can only be set by a delivered fault's frame (via IRETQ) or by KVM_SET_REGS.
         self._rf_possible = False
+        self._in_guest = False          # between the pending-invalidation check and the stop
+        self._run_thread = 0
+        self._inv_cond = threading.Condition()
         self._ensured_gen = -1
         self._plain_in: dict[int, bool] = {}     # IN instruction RIP -> not a string IN
         self._fix_exception = False
@@ -434,9 +438,22 @@ class EmuVcpu:
         self._kicked = True
 
     def invalidate(self, gpa_lo: int, gpa_hi: int) -> None:
-        """Drop mappings of [gpa_lo, gpa_hi) (kvm_mmu_zap of the range); applied before the
-        engine runs again (a running vCPU applies it at the end of its slice)."""
-        self.phys.invalidate(gpa_lo, gpa_hi)
+        """Drop mappings of [gpa_lo, gpa_hi) (kvm_mmu_zap of the range). Applied before the
+        engine next runs guest code; if guest code is running in another thread this waits
+        until the vCPU applied it at the end of its slice (a few ms), as KVM's zap and remote
+        TLB flush complete before the ioctl returns."""
+        seq = self.phys.invalidate(gpa_lo, gpa_hi)
+        if not self._in_guest or threading.get_ident() == self._run_thread:
+            return
+        deadline = time.monotonic() + INVALIDATE_WAIT_S
+        with self._inv_cond:
+            self.phys.sync_waiters += 1
+            try:
+                while (self._in_guest and self.phys.applied_seq < seq
+                       and time.monotonic() < deadline):
+                    self._inv_cond.wait(0.002)
+            finally:
+                self.phys.sync_waiters -= 1
 
     def close(self) -> None:
         """Release the engine's mappings. A KVM_RUN still running in another thread (the
@@ -493,9 +510,28 @@ class EmuVcpu:
         return self._intr()
 
     def _loop(self) -> int:
+        self._run_thread = threading.get_ident()
+        try:
+            return self._loop_inner()
+        finally:
+            self._leave_guest()
+            self._run_thread = 0
+
+    def _leave_guest(self) -> None:
+        if self._in_guest:
+            if self.phys.has_pending:
+                self.phys.apply_pending()
+            self._in_guest = False
+            with self._inv_cond:
+                self._inv_cond.notify_all()
+
+    def _loop_inner(self) -> int:
         uc = self.uc
         self.phys.check_direct()
         while True:
+            # From here until the engine stops, an invalidation queued by another thread waits
+            # for this vCPU to apply it (see invalidate()).
+            self._in_guest = True
             if self.phys.has_pending:
                 self.phys.apply_pending()
             if self.phys.flush_needed:
@@ -507,6 +543,7 @@ class EmuVcpu:
             if self._preempt:
                 self._preempt = False
                 if self.sched.contended:
+                    self._leave_guest()
                     self.sched.release()
                     self.sched.acquire(self)
                     continue
@@ -533,6 +570,7 @@ class EmuVcpu:
                 uc.emu_start(rip, 0, 0, self._slice)
             except UcError as e:
                 err = e.errno
+            self._leave_guest()
             n = self._counter.value
             if self._rf_possible and (n >= 2 or (n == 1 and not err and (
                     self._ev is None or self._ev[0] in ("in", "out")))):

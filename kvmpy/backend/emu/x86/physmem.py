@@ -339,6 +339,12 @@ class PhysMap:
         self.vm = vm
         self.slots: dict[int, SlotMap] = {}
         self._pending: list[tuple[int, int]] = []
+        #: Sequence numbers of queued / applied invalidations (for synchronous waiters).
+        self.queued_seq = 0
+        self.applied_seq = 0
+        #: Threads blocked in EmuVcpu.invalidate() waiting for this engine; they hold vm.lock
+        #: (the core invalidates with it held), so the engine reads VM state without it then.
+        self.sync_waiters = 0
         self._plock = threading.Lock()
         #: Set when mapped contents may have changed: translated code must be flushed.
         self.flush_needed = False
@@ -346,9 +352,25 @@ class PhysMap:
         self.generation = 0
 
     # --- invalidation (any thread) ----------------------------------------------------------
-    def invalidate(self, lo: int, hi: int) -> None:
+    def invalidate(self, lo: int, hi: int) -> int:
         with self._plock:
             self._pending.append((lo, hi))
+            self.queued_seq += 1
+            return self.queued_seq
+
+    @contextlib.contextmanager
+    def vm_locked(self) -> Iterator[None]:
+        """vm.lock, unless an invalidating thread that holds it is waiting for this engine
+        (taking it would deadlock; that thread mutates nothing while it waits)."""
+        if self.sync_waiters and not self.vm.lock.acquire(blocking=False):
+            yield
+            return
+        if not self.sync_waiters:
+            self.vm.lock.acquire()
+        try:
+            yield
+        finally:
+            self.vm.lock.release()
 
     @property
     def has_pending(self) -> bool:
@@ -358,9 +380,10 @@ class PhysMap:
         """Apply queued invalidations (engine thread, engine stopped)."""
         with self._plock:
             pending, self._pending = self._pending, []
+            seq = self.queued_seq
         if not pending:
             return
-        with self.vm.lock:
+        with self.vm_locked():
             for lo, hi in pending:
                 for key, sm in list(self.slots.items()):
                     s = sm.slot
@@ -373,13 +396,14 @@ class PhysMap:
                     if sm.update((lo - s.gpa) >> PAGE_SHIFT,
                                  (hi - s.gpa + PAGE_SIZE - 1) >> PAGE_SHIFT):
                         self.flush_needed = True
+        self.applied_seq = seq
 
     def check_direct(self) -> None:
         """Before running: a directly mapped slot whose host memory was unmapped behind KVM's
         back is re-resolved (its vanished pages then trap) instead of crashing the process."""
         for sm in self.slots.values():
             if sm.direct and not sm.host_still_mapped():
-                with self.vm.lock:
+                with self.vm_locked():
                     sm.rescan()
                 self.flush_needed = True
 
@@ -391,7 +415,7 @@ class PhysMap:
     # --- lookups (engine thread) ------------------------------------------------------------
     def ensure(self, gpa: int) -> SlotMap | None:
         """The built SlotMap for ``gpa``'s memslot (building it now), or None (no memslot)."""
-        with self.vm.lock:
+        with self.vm_locked():
             slot = self.vm.find_memslot(gpa)
             if slot is None:
                 return None
