@@ -522,8 +522,9 @@ class EmuVcpu:
             if self.phys.has_pending:
                 self.phys.apply_pending()
             self._in_guest = False
-            with self._inv_cond:
-                self._inv_cond.notify_all()
+            if self.phys.sync_waiters:
+                with self._inv_cond:
+                    self._inv_cond.notify_all()
 
     def _loop_inner(self) -> int:
         uc = self.uc
