@@ -143,6 +143,26 @@ def test_private_gfn_without_memslot_is_private_memory_fault(fake):
     assert g.h.run() == 0 and g.h.exit_reason == ExitReason.MMIO
 
 
+def test_page_tables_in_another_memslot(fake):
+    """Page-table pages may live in any memslot: unicorn's own walker does not fault slots
+    in, so the emulator must map them before the guest sees a (wrong) #PF."""
+    from kvmpy.backend.emu.x86.testing import PDPT
+
+    vm = FakeVm()
+    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nhlt", vm=vm)
+    pt = Memfd(PAGE, "pt")               # the PD for [4 GiB, 5 GiB) at gpa 0x800000
+    pt.write(0, b"".join(struct.pack("<Q", (GPA + (i << 21)) | 0x83) for i in range(512)))
+    g.low.write(PDPT + 8 * 4, struct.pack("<Q", 0x800000 | 3))
+    vm.set_slot(2, 0x800000, PAGE, pt.addr)
+    data = Memfd(PAGE, "data")
+    data.write(0, struct.pack("<Q", 0xCAFE))
+    vm.set_slot(1, GPA, PAGE, data.addr)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.HLT
+    assert g.h.get_regs().r12 == 0xCAFE
+    pt.close()
+    data.close()
+
+
 def test_deleted_slot_becomes_mmio_and_readded_slot_is_seen(fake):
     vm = FakeVm()
     g = fake(loop_src(), vm=vm)

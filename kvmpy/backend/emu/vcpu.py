@@ -56,7 +56,7 @@ from ...uapi import (
 from ...uapi.ioctls import Ioctl
 from ._libc import copy_from_user, copy_to_user
 from .x86 import engine as E
-from .x86.events import CpuState, Event, TripleFault, deliver
+from .x86.events import HAS_ERROR_CODE, CpuState, Event, TripleFault, deliver
 from .x86.paging import GuestFault, PagingMode, make_read64, translate
 from .x86.physmem import PhysFault, PhysMap
 from .x86.sched import scheduler_for
@@ -143,6 +143,7 @@ class EmuVcpu:
         self._slice = 50_000
         self._ensured_cr3 = -1
         self._quiet_stops = 0
+        self._pf_retry: tuple[int, int] | None = None
         # RF can only be set by a delivered fault's frame (via IRETQ) or by KVM_SET_REGS.
         self._rf_possible = False
         self._in_guest = False          # between the pending-invalidation check and the stop
@@ -628,11 +629,11 @@ class EmuVcpu:
             return self._exit(ExitReason.IO)
         if kind == "exc":
             _, vec, code, is_int, rip, next_eip, cr2 = ev
-            from .x86.events import HAS_ERROR_CODE
-            r = self._deliver(Event(vec, code if vec in HAS_ERROR_CODE and not is_int else None,
-                                    is_int, rip, next_eip if is_int else rip,
-                                    cr2 if vec == 14 else None))
-            return r
+            if vec == 14 and not is_int and self._spurious_pf(rip, cr2, code):
+                return None
+            return self._deliver(Event(vec, code if vec in HAS_ERROR_CODE and not is_int
+                                       else None, is_int, rip, next_eip if is_int else rip,
+                                       cr2 if vec == 14 else None))
         if kind == "mmio":
             _, gpa, size, is_write, value = ev
             m = run.exit.mmio
@@ -864,6 +865,22 @@ class EmuVcpu:
         return None
 
     # ---------------------------------------------------------------- exceptions
+    def _spurious_pf(self, rip: int, cr2: int, code: int) -> bool:
+        """Unicorn walks page tables in physical memory without hooks, so a page-table page in
+        a memslot not mapped into the engine yet looks not-present to it. Walk again through
+        the emulator's memory (which maps slots on demand): if the translation succeeds the
+        #PF was ours, and the access is retried once instead of delivered to the guest."""
+        key = (rip, cr2)
+        if self._pf_retry == key:
+            return False
+        try:
+            translate(make_read64(self.phys.read), self._paging(), cr2,
+                      write=bool(code & 2), user=bool(code & 4), fetch=bool(code & 16))
+        except (GuestFault, PhysFault):
+            return False
+        self._pf_retry = key
+        return True
+
     def _deliver(self, ev: Event) -> int | None:
         uc = self.uc
         (rip, rsp, rflags, cs, ss, cr2) = uc.reg_read_batch(
