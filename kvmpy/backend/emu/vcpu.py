@@ -217,6 +217,10 @@ class EmuVcpu:
         vals = [getattr(r, n) for n in E.REG_NAMES]
         vals[17] |= RFLAGS_FIXED
         self._rf_possible = bool(vals[17] & RFLAGS_RF)
+        if vals[16] != self.regs.read(X.UC_X86_REG_RIP):
+            # Userspace redirects the vCPU, perhaps to code it just (re)wrote through its own
+            # mapping; unicorn does not see host writes to translated code, so start afresh.
+            self.phys.flush_needed = True
         self.regs.write_gprs(vals)
         self._pending_event = None
 
