@@ -137,6 +137,8 @@ class FaultBackend(Backend):
 
     def __getattr__(self, attr: str) -> Any:
         # Backend-specific extras (the emulator's profile, object_of, ...) pass through.
+        if attr == "inner":       # not set yet (during __init__ or unpickling)
+            raise AttributeError(attr)
         return getattr(self.inner, attr)
 
     def _hit(self) -> None:
