@@ -396,6 +396,36 @@ def test_cpuid_matches_real_kvm():
     assert_same(*differential(src, body))
 
 
+def test_set_cpuid2_after_run_matches_real_kvm():
+    """After KVM_RUN, KVM_SET_CPUID2 accepts only the table KVM reports (KVM_GET_CPUID2), as
+    x86/cpuid_test.c checks; a changed table is EINVAL. (The reported table itself is not
+    compared: KVM applies runtime bits such as OSXSAVE/APIC to it, the emulator does not.)"""
+    from kvmpy.uapi import Ioctl, make_cpuid2
+
+    def body(p: Probe, t: Transcript) -> None:
+        run_rec(p, t, "hlt")
+        n = len(host_cpuid())
+        buf = make_cpuid2(n + 4)
+        # (nent is not compared either: real KVM reported fewer entries than it was given.)
+        t.append(("get", _try(lambda: p.kvm.backend.ioctl(p.vcpu.fd, Ioctl.KVM_GET_CPUID2,
+                                                            buf))))
+        reported = [buf.entries[i] for i in range(buf.nent)]
+        t.append(("same", _try(lambda: p.vcpu.set_cpuid2(reported))))
+        changed = [type(e).from_buffer_copy(bytes(e)) for e in reported]
+        changed[0].eax ^= 1
+        t.append(("different", _try(lambda: p.vcpu.set_cpuid2(changed))))
+
+    assert_same(*differential("hlt", body))
+
+
+def _try(fn: Callable[[], Any]) -> int:
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno or -1
+
+
 def test_reset_state_matches_real_kvm():
     out = []
     for b in _backends():
