@@ -221,6 +221,7 @@ KNOWN_EXITS = {ExitReason.IO, ExitReason.MMIO, ExitReason.HLT, ExitReason.SHUTDO
                ExitReason.INTR}
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(code=st.binary(min_size=1, max_size=64))
 def test_random_code_ends_in_a_kvm_like_exit(code: bytes) -> None:
