@@ -103,7 +103,7 @@ class ModelHarness:
         parts = [_h(a) if isinstance(a, int) and not isinstance(a, bool) else repr(a)
                  for a in args]
         parts += [f"{k}={_h(v) if isinstance(v, int) and not isinstance(v, bool) else repr(v)}"
-                  for k, v in kw.items()]
+                  for k, v in kw.items() if v is not None]
         text = f"h.{name}({', '.join(parts)})"
         self.steps.append(text)
         return text
