@@ -211,6 +211,10 @@ def run_header(config: pytest.Config) -> list[str]:
     lines = [f"kvmpy: kernel Linux {uname.release} ({uname.machine}) {uname.version}",
              f"kvmpy: backends {', '.join(selected_backends(config))} "
              f"(--backend {config.getoption('--backend')})"]
+    if "emu" in selected_backends(config):
+        profile = config.getoption("--emu-profile", None) or os.environ.get(
+            "KVMPY_EMU_PROFILE", "upstream")
+        lines.append(f"kvmpy: emulated KVM profile {profile}")
     if "kvm" in selected_backends(config):
         params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
         lines.append(f"kvmpy: real KVM module {kvm_module()} {params}".rstrip())
