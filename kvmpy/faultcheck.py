@@ -98,23 +98,36 @@ def run_pytest(tests: list[str], fault: str | None, *, jobs: int, backend: str,
         return failed, errors, hits, proc.returncode, secs
 
 
+def _by_file(tests: list[str]) -> str:
+    """'test_memslots.py x40, test_model_statemachine.py x2' (most first)."""
+    counts: dict[str, int] = {}
+    for t in tests:
+        f = t.split("::", 1)[0].rsplit("/", 1)[-1]
+        counts[f] = counts.get(f, 0) + 1
+    return ", ".join(f"`{f}` x{n}" for f, n in sorted(counts.items(), key=lambda x: -x[1]))
+
+
 def markdown_table(results: list[Result], baseline: list[str]) -> str:
-    lines = ["| fault | what it breaks | fired | caught by (failing tests) |",
-             "|---|---|---|---|"]
+    lines = ["| fault | what it breaks | fired | failing tests | in files |",
+             "|---|---|---|---|---|"]
     for r in results:
         spec = FAULTS[r.fault]
         if r.caught:
-            shown = ", ".join(f"`{t.split('::', 1)[1]}`" if "::" in t else f"`{t}`"
-                              for t in r.caught_by[:4])
-            more = f" and {len(r.caught_by) - 4} more" if len(r.caught_by) > 4 else ""
-            caught = f"{len(r.caught_by)}: {shown}{more}"
+            caught, files = str(len(r.caught_by)), _by_file(r.caught_by)
         else:
-            caught = "**NOT CAUGHT**" + (" (never fired)" if not r.hits else "")
-        lines.append(f"| `{r.fault}` | {spec.description} | {r.hits} | {caught} |")
+            caught, files = "**NOT CAUGHT**" + (" (never fired)" if not r.hits else ""), ""
+        lines.append(f"| `{r.fault}` | {spec.description} | {r.hits} | {caught} | {files} |")
     if baseline:
         lines.append("")
         lines.append("Failing without any fault (excluded): " + ", ".join(baseline))
     return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, results: list[Result], baseline: list[str]) -> None:
+    import json
+
+    path.write_text(json.dumps({"baseline_failures": baseline,
+                                "faults": [dataclasses.asdict(r) for r in results]}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=40,
                     help="KVMPY_MODEL_EXAMPLES for the model state machine (default 40)")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    ap.add_argument("--json", type=Path, help="also write every result (all test ids) here")
     ap.add_argument("--list", action="store_true", help="list the faults and exit")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     a = ap.parse_args(argv)
@@ -162,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results, base_failed)
     if a.markdown:
         a.markdown.write_text(table)
+    if a.json:
+        write_json(a.json, results, base_failed)
     print()
     print(table)
     missed = [r.fault for r in results if not r.caught]

@@ -166,7 +166,7 @@ def test_faultcheck_table_marks_uncaught() -> None:
     rs = [Result("mmio-gpa", ["selftests/x.py::test_a"], 3, 1.0, 1),
           Result("punch-hole-dropped", [], 0, 1.0, 0)]
     t = markdown_table(rs, [])
-    assert "| `mmio-gpa` |" in t and "1: `test_a`" in t
+    assert "| `mmio-gpa` |" in t and "| 1 | `x.py` x1 |" in t
     assert "**NOT CAUGHT** (never fired)" in t
 
 
