@@ -19,6 +19,8 @@ accesses to a GUEST_MEMFD_FLAG_MMAP file only through its own mapping as userspa
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -35,4 +37,9 @@ def test_model_statemachine(kvm: Kvm, vm_type: VmType) -> None:
     agree with the reference model on every observable (kvmpy/model/state.py, api.rst).
     ``vm_type`` is parametrized by selftests/conftest.py (default, sw_protected, ...)."""
     require_vm_type(kvm, vm_type)
-    run_state_machine_as_test(make_machine(kvm, vm_type), settings=machine_settings())
+    stats: Counter[str] = Counter()
+    run_state_machine_as_test(make_machine(kvm, vm_type, stats), settings=machine_settings())
+    print(f"\n{kvm.backend.name} {vm_type.name}: " +
+          ", ".join(f"{k}: {v}" for k, v in sorted(stats.items())))
+    # The sequences must have reached guest memory, or they checked little.
+    assert stats["guest_read -> Mem from shared"] + stats["guest_read -> Mem from gmem"] > 0, stats

@@ -76,6 +76,8 @@ class ModelHarness:
         self.kvm = kvm
         self.real = kvm.backend.is_real
         self.steps: list[str] = []
+        #: errno of the last call that has one (0 for success), for statistics.
+        self.last_errno = 0
         self.g = GuestVm(kvm, "model_access", vm_type=vm_type, timeout=timeout)
         try:
             vm = self.g.vm
@@ -113,6 +115,7 @@ class ModelHarness:
                              f"{what}")
 
     def _expect_errno(self, step: str, got: int, want: Expect) -> None:
+        self.last_errno = got
         if got not in want:
             names = " or ".join(errname(e) for e in sorted(want))
             raise self._fail(step, f"errno {errname(got)}, model expects {names}")

@@ -6,7 +6,7 @@ sequences do something valid (and some hit the documented error paths). A failin
 the sequence so far, as a ready-to-paste pytest test, as a note on the exception: after
 hypothesis shrinks the sequence, the note of the final (minimal) run is the reproducer.
 
-Environment: KVMPY_MODEL_EXAMPLES (default 12), KVMPY_MODEL_STEPS (default 40),
+Environment: KVMPY_MODEL_EXAMPLES (default 25), KVMPY_MODEL_STEPS (default 40),
 KVMPY_MODEL_RANDOM=1 (explore new sequences instead of the derandomized ones),
 KVMPY_MODEL_SHRINK=0 (report the first failing sequence unshrunk).
 """
@@ -14,20 +14,22 @@ KVMPY_MODEL_SHRINK=0 (report the first failing sequence unshrunk).
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from ..system import Kvm
+from ..testing.errnos import errname
 from .harness import GPA_BASE, WINDOW_PAGES, ModelHarness
 from .repro import format_reproducer
-from .state import GMEM_FLAG_INIT_SHARED, GMEM_FLAG_MMAP, PAGE
+from .state import GMEM_FLAG_INIT_SHARED, GMEM_FLAG_MMAP, PAGE, Mem
 
 REPRO_HEADER = "Reproducer (paste into selftests/, runs with the kvm fixture):"
 
-EXAMPLES = int(os.environ.get("KVMPY_MODEL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("KVMPY_MODEL_EXAMPLES", "25"))
 STEPS = int(os.environ.get("KVMPY_MODEL_STEPS", "40"))
 RANDOM = os.environ.get("KVMPY_MODEL_RANDOM", "") not in ("", "0")
 #: KVMPY_MODEL_SHRINK=0 reports the first failing sequence unshrunk (the fault self-check only
@@ -40,7 +42,10 @@ QWORDS = (0, 1, 511)           # qword indexes within a page the accesses use
 values = st.integers(1, 2**64 - 1)
 
 
-def make_machine(kvm: Kvm, vm_type: int) -> type[RuleBasedStateMachine]:
+def make_machine(kvm: Kvm, vm_type: int,
+                 stats: Counter[str] | None = None) -> type[RuleBasedStateMachine]:
+    """The machine class for ``kvm`` and ``vm_type``; ``stats`` (if given) counts what each
+    operation did (``guest_read -> Mem from gmem``, ``set_slot -> EEXIST``...)."""
     real = kvm.backend.is_real
 
     class MemoryMachine(RuleBasedStateMachine):
@@ -60,12 +65,24 @@ def make_machine(kvm: Kvm, vm_type: int) -> type[RuleBasedStateMachine]:
 
         def _do(self, name: str, *args: Any, **kw: Any) -> Any:
             try:
-                return getattr(self.h, name)(*args, **kw)
+                self.h.last_errno = 0
+                r = getattr(self.h, name)(*args, **kw)
             except Exception as e:
                 e.add_note(REPRO_HEADER + "\n\n"
                            + format_reproducer(self.h.steps, vm_type=vm_type,
                                                backend=kvm.backend.describe(), failure=str(e)))
                 raise
+            # What the sequences covered (pytest --hypothesis-show-statistics).
+            if name.startswith("guest_"):
+                want = self.m.resolve(int(args[0]), False)[0]
+                what = f"Mem from {want.source}" if isinstance(want, Mem) else type(r).__name__
+                what = f"{name} -> {what}"
+            else:
+                what = f"{name} -> {errname(self.h.last_errno).split(' ')[0]}"
+            event(what)
+            if stats is not None:
+                stats[what] += 1
+            return r
 
         # --- helpers ----------------------------------------------------------------------
         def open_gmems(self) -> list[int]:
@@ -91,8 +108,10 @@ def make_machine(kvm: Kvm, vm_type: int) -> type[RuleBasedStateMachine]:
             self._do("create_gmem", size, flags)
 
         @precondition(lambda self: bool(self.open_gmems()))
-        @rule(i=st.integers(0, 7))
-        def close_gmem(self, i: int) -> None:
+        @rule(i=st.integers(0, 7), now=st.sampled_from([False, False, False, True]))
+        def close_gmem(self, i: int, now: bool) -> None:
+            if not now:      # closing ends a file's useful life: keep it rarer than the rest
+                return
             gid = self._pick(self.open_gmems(), i)
             if real and any(s.gmem == gid for s in self.m.slots.values()):
                 # Real KVM: which memory backs a slot whose file (and kvmpy's mapping of it)
@@ -109,11 +128,24 @@ def make_machine(kvm: Kvm, vm_type: int) -> type[RuleBasedStateMachine]:
                      punch=punch)
 
         # --- memslots -----------------------------------------------------------------------
-        @rule(n=st.integers(0, NSLOTS - 1), page=st.integers(0, WINDOW_PAGES - 2),
-              npages=st.integers(1, 6), kind=st.sampled_from(["plain", "gmem", "gmem"]),
-              i=st.integers(0, 7), gpage=st.integers(0, 7), hva_gmem=st.booleans())
-        def set_slot(self, n: int, page: int, npages: int, kind: str, i: int, gpage: int,
-                     hva_gmem: bool) -> None:
+        # Slots go at one of NSLOTS positions (8 pages apart) so most creations succeed;
+        # ``shift`` moves one into its neighbour now and then (EEXIST), ``reuse`` re-sets an
+        # existing slot id (EINVAL: only moves and flag changes are allowed).
+        @rule(pos=st.integers(0, NSLOTS - 1), npages=st.integers(1, 6),
+              kind=st.sampled_from(["plain", "gmem", "gmem", "gmem"]),
+              i=st.integers(0, 7), gpage=st.integers(0, 7), hva_gmem=st.booleans(),
+              shift=st.sampled_from([0] * 7 + [5]), reuse=st.sampled_from([False] * 7 + [True]))
+        def set_slot(self, pos: int, npages: int, kind: str, i: int, gpage: int,
+                     hva_gmem: bool, shift: int, reuse: bool) -> None:
+            used = sorted(self.m.slots)
+            free = [n for n in range(NSLOTS) if n not in used]
+            if reuse and used:
+                n = self._pick(used, i)
+            elif free:
+                n = free[0]
+            else:
+                return
+            page = pos * (WINDOW_PAGES // NSLOTS) + shift
             npages = min(npages, WINDOW_PAGES - page)
             gpa, size = GPA_BASE + page * PAGE, npages * PAGE
             gmems = self.open_gmems()
@@ -121,21 +153,31 @@ def make_machine(kvm: Kvm, vm_type: int) -> type[RuleBasedStateMachine]:
                 self._do("set_slot", n, gpa, size)
                 return
             gid = self._pick(gmems, i)
+            gpages = self.m.gmems[gid].size // PAGE
             hva = "gmem" if hva_gmem and self.h.mappable(gid) else "backing"
             if real and self.m.gmems[gid].flags & GMEM_FLAG_MMAP:
                 if not self.h.mappable(gid):
                     return
                 hva = "gmem"   # see the module docstring
-            off = gpage * PAGE
-            if hva == "gmem" and off + size > self.m.gmems[gid].size:
-                off = 0        # the mapping must cover the slot
-                if size > self.m.gmems[gid].size:
-                    return
+            # Mostly a range inside the file; gpage 7 asks for one past its end (EINVAL).
+            off = (gpage % gpages) * PAGE if gpage < 7 else gpages * PAGE
+            if gpage < 7:
+                size = min(size, gpages * PAGE - off)  # fits: most bindings succeed
+            if hva == "gmem":
+                size = min(size, gpages * PAGE)       # the mapping must cover the slot
+                off = min(off, gpages * PAGE - size)
             self._do("set_slot", n, gpa, size, gmem=gid, gmem_offset=off, hva=hva)
 
-        @rule(n=st.integers(0, NSLOTS - 1))
-        def delete_slot(self, n: int) -> None:
-            self._do("delete_slot", n)
+        @precondition(lambda self: bool(self.m.slots))
+        @rule(i=st.integers(0, 7), missing=st.sampled_from([False] * 7 + [True]))
+        def delete_slot(self, i: int, missing: bool) -> None:
+            used = sorted(self.m.slots)
+            if missing:
+                free = [n for n in range(NSLOTS) if n not in used]
+                if free:
+                    self._do("delete_slot", self._pick(free, i))
+                return
+            self._do("delete_slot", self._pick(used, i))
 
         # --- attributes -------------------------------------------------------------------
         @precondition(lambda self: bool(self.h.config.attributes))
@@ -174,12 +216,12 @@ def make_machine(kvm: Kvm, vm_type: int) -> type[RuleBasedStateMachine]:
             return GPA_BASE + page * PAGE + q * 8
 
         @rule(page=st.integers(0, WINDOW_PAGES - 1), q=st.sampled_from(QWORDS),
-              near=st.integers(-1, 3))
+              near=st.sampled_from([0, 1, 2, 3, -1]))
         def guest_read(self, page: int, q: int, near: int) -> None:
             self._do("guest_read", self._gpa(page, q, near))
 
         @rule(page=st.integers(0, WINDOW_PAGES - 1), q=st.sampled_from(QWORDS),
-              near=st.integers(-1, 3), v=values)
+              near=st.sampled_from([0, 1, 2, 3, -1]), v=values)
         def guest_write(self, page: int, q: int, near: int, v: int) -> None:
             self._do("guest_write", self._gpa(page, q, near), v)
 
