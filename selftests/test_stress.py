@@ -271,26 +271,17 @@ def budget_note() -> Iterator[None]:
     print(f"elapsed {time.monotonic() - t0:.1f} s")
 
 
-#: The emulated KVM queues an invalidation and a running vCPU applies it at the end of its
-#: time slice (kvmpy/backend/emu/vcpu.py EmuVcpu.invalidate), so for a moment after
-#: KVM_SET_MEMORY_ATTRIBUTES returns a vCPU can still use the old translation. KVM zaps the
-#: SPTEs and flushes every vCPU's TLB before the ioctl returns (kvm_vm_set_mem_attributes ->
-#: kvm_unmap_gfn_range + kvm_flush_remote_tlbs). "strict" relies on that; "kick" makes the host
-#: force the vCPUs out of KVM_RUN after each conversion, which the emulator does honour.
-EMU_ASYNC_ZAP = ("emulated KVM applies MMU invalidations at the end of a vCPU's time slice, "
-                 "not before KVM_SET_MEMORY_ATTRIBUTES returns (KVM flushes remote TLBs "
-                 "synchronously): a guest can see the stale shared page right after conversion")
-
-
+#: "strict": nothing but the conversions, relying on KVM zapping the SPTEs and flushing every
+#: vCPU's TLB before KVM_SET_MEMORY_ATTRIBUTES returns (kvm_vm_set_mem_attributes ->
+#: kvm_unmap_gfn_range + kvm_flush_remote_tlbs); this case found that the emulated KVM applied
+#: invalidations only at the end of a running vCPU's time slice (fixed in emu vCPU 6b1026a).
+#: "kick": the host also forces the vCPUs out of KVM_RUN after each conversion.
 @pytest.mark.parametrize("sync", ["strict", "kick"])
-def test_stress_convert(kvm: Kvm, sync: str, budget_note: None,
-                        request: pytest.FixtureRequest) -> None:
+def test_stress_convert(kvm: Kvm, sync: str, budget_note: None) -> None:
     """Convert multi-page ranges private <-> shared and punch them while vCPUs access them:
     no private data visible as shared, no lost host writes, private memory zeroed after
     every punch (SW_PROTECTED VM, one guest_memfd behind a shmem-backed slot)."""
     require_private_mem(kvm, hypercall_exit=False)
-    if sync == "strict" and not kvm.backend.is_real:
-        request.applymarker(pytest.mark.xfail(reason=EMU_ASYNC_ZAP, strict=False))
     with GuestVm(kvm, "stress_conv", vm_type=VmType.SW_PROTECTED, timeout=60.0) as g:
         region = g.add_memory(NPAGES * PAGE_SIZE, gmem=True)
         assert region.host is not None
