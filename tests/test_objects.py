@@ -6,8 +6,8 @@ import os
 import pytest
 
 from kvmpy import GuestMemfd, Kvm, KvmError
-from kvmpy.uapi import Cap, GuestMemfdFlag, Ioctl, MemFlag, VmType
 from kvmpy.testing.require import require_cap
+from kvmpy.uapi import Cap, GuestMemfdFlag, Ioctl, MemFlag, VmType
 
 
 def open_fds() -> int:
