@@ -22,11 +22,13 @@ from __future__ import annotations
 import errno
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from kvmpy.guest import GuestVm, MemRegion
+from kvmpy.guest.watchdog import WATCHDOG
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd, supported_attributes
 from kvmpy.testing.require import require_cap, where
@@ -41,6 +43,9 @@ TEST_NPAGES = TEST_SIZE // P
 SLOT = 10
 FILL = 0x5A
 U64 = 2**64
+# A pre-fault call racing a memslot deletion must return (api.rst 4.143: EAGAIN while the slot is
+# going away); past this budget the watchdog interrupts it with a signal and the test fails.
+RACE_CALL_BUDGET = 10.0
 
 
 def _max_gpa_bits(kvm: Kvm) -> int:
@@ -256,9 +261,15 @@ def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> N
     prefault_ready.set()
     recreated = False
     errs = []
+    stuck = []
     try:
         while True:
-            err = _one(s.vcpu, r)
+            with WATCHDOG.watch(s.vcpu.backend, s.vcpu.fd,
+                                time.monotonic() + RACE_CALL_BUDGET) as w:
+                call = _call(r)
+                err = _one(s.vcpu, r)
+            if w.fired:
+                stuck.append(f"{call} -> {errname(err)} after {w.kicks} signal(s)")
             errs.append(err)
             if err == errno.EINTR:
                 continue
@@ -276,6 +287,12 @@ def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> N
     finally:
         recreate.set()
         t.join(30)
+    # Kernels before 6.18 spin in kvm_tdp_map_page() on the invalid slot while the deleting thread
+    # waits for SRCU readers: a deadlock only a signal breaks (fixed by "KVM: x86/mmu: Return
+    # -EAGAIN if userspace deletes/moves memslot during prefault", KVM x86 MMU changes for 6.18).
+    assert not stuck, (f"KVM_PRE_FAULT_MEMORY did not return within {RACE_CALL_BUDGET:.0f} s while "
+                       f"delete_slot_worker deleted slot {SLOT} (pre-fault vs memslot-deletion "
+                       f"deadlock): {'; '.join(stuck)}")
     assert r.size == expected_left, (f"racing pre-fault of (+{offset:#x}, {size:#x}): "
                                      f"{r.size:#x} bytes left, expected {expected_left:#x}; "
                                      f"calls gave {[errname(e) for e in errs]}")
