@@ -325,6 +325,11 @@ def run(args: argparse.Namespace) -> int:
         # Nothing of ours explains it: show what pytest would have printed.
         console.print(progress.sink.getvalue()[-4000:], markup=False, highlight=False)
     console.print(f"exit {code} ({_meaning(code)})", highlight=False)
+    # The plain closing line CI log readers understand ("N passed, N failed, N skipped"); xfail and
+    # xpass are in the table above.
+    c = progress.results.counts()
+    console.print(f"kvmpy: {c['pass']} passed, {c['fail'] + c['error']} failed, {c['skip']} skipped",
+                  markup=False, highlight=False)
     return code
 
 
