@@ -8,7 +8,6 @@ returns an fd), so ioctl goes straight to libc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import signal
@@ -16,28 +15,12 @@ import threading
 
 from ..errors import KvmUnavailable
 from . import Backend, IoctlArg, default_device
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munmap.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.fallocate.restype = ctypes.c_int
-
-MAP_FAILED = ctypes.c_void_p(-1).value
+from .libc import errno_error, libc, libc_fallocate, libc_madvise, libc_mmap, libc_munmap
 
 
 def _check(ret: int, what: str) -> int:
     if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise errno_error(what)
     return ret
 
 
@@ -88,25 +71,20 @@ class HostBackend(Backend):
             raise KvmUnavailable(f"cannot open {self.device}: {e.strerror}") from e
 
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
-        ret = _libc.ioctl(fd, request, arg_pointer(arg))
-        return _check(ret, f"ioctl({request:#x})")
+        return _check(libc.ioctl(fd, request, arg_pointer(arg)), f"ioctl({request:#x})")
 
     def mmap(self, fd: int, length: int, prot: int, flags: int, offset: int = 0,
              addr: int = 0) -> int:
-        ret = _libc.mmap(addr or None, length, prot, flags, fd, offset)
-        if ret is None or ret == MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap: {os.strerror(err)}")
-        return int(ret)
+        return libc_mmap(addr, length, prot, flags, fd, offset)
 
     def munmap(self, addr: int, length: int) -> None:
-        _check(_libc.munmap(addr, length), "munmap")
+        libc_munmap(addr, length)
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
-        _check(_libc.madvise(addr, length, advice), "madvise")
+        libc_madvise(addr, length, advice)
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
-        _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+        libc_fallocate(fd, mode, offset, length)
 
     def fstat(self, fd: int) -> os.stat_result:
         return os.fstat(fd)

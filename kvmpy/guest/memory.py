@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..backend import MAP_ANONYMOUS, MAP_NORESERVE, MAP_PRIVATE, PROT_READ, PROT_WRITE, Backend
 from ..gmem import GuestMemfd
-from ..memory import Mapping, SharedMemory
+from ..memory import Mapping, SharedMemory, anonymous
 from .x86 import PAGE_2M
 
 BACKINGS = ("shmem", "anonymous", "thp", "hugetlb", "none")
@@ -88,9 +88,7 @@ def make_backing(backend: Backend, kind: str, size: int, name: str = "kvmpy-test
         sm = SharedMemory(backend, size, name, hugetlb=True)
         return Backing(kind, sm.mapping, sm)
     if kind == "anonymous":
-        addr = backend.mmap(-1, size, PROT_READ | PROT_WRITE,
-                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, 0)
-        return Backing(kind, Mapping(backend, addr, size, name))
+        return Backing(kind, anonymous(backend, size, name))
     if kind == "thp":
         ok, why = thp_available()
         if not ok:
