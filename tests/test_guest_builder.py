@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from elftools.common.exceptions import ELFError
 
 from kvmpy.backend import Backend, IoctlArg
 from kvmpy.guest import build
@@ -171,7 +172,7 @@ def test_not_an_elf(tmp_path: os.PathLike[str]) -> None:
     p = os.path.join(tmp_path, "x.elf")
     with open(p, "wb") as f:
         f.write(b"\x7fELF" + b"\0" * 60)
-    with pytest.raises(Exception):  # noqa: B017 - pyelftools' own error type
+    with pytest.raises(ELFError, match="EI_CLASS"):  # pyelftools' own error type
         GuestImage(p)
 
 
