@@ -66,8 +66,8 @@ def test_caps_without_device_is_a_message_not_a_traceback(tmp_path: os.PathLike[
 
 def test_caps_json_matches_direct_probe(kvm: Kvm) -> None:
     if not kvm.backend.is_real:
-        pytest.skip("`kvmpy caps` probes real KVM by default; emulated caps are tested with "
-                    "the emulator")
+        pytest.skip(f"`kvmpy caps` probes real /dev/kvm; the {kvm.backend.name} backend is not "
+                    "(emulated caps are tested with the emulator)")
     r = _kvmpy("caps", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -83,7 +83,8 @@ def test_caps_json_matches_direct_probe(kvm: Kvm) -> None:
 
 def test_caps_table_renders(kvm: Kvm) -> None:
     if not kvm.backend.is_real:
-        pytest.skip("`kvmpy caps` table is checked against real KVM")
+        pytest.skip(f"`kvmpy caps` table is checked against real /dev/kvm; "
+                    f"the {kvm.backend.name} backend is not")
     r = _kvmpy("caps")
     assert r.returncode == 0, r.stderr
     assert "KVM_CAP_GUEST_MEMFD" in r.stdout and "VM types" in r.stdout
