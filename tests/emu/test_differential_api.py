@@ -21,7 +21,6 @@ from kvmpy import Kvm
 from kvmpy.backend import MAP_PRIVATE, MAP_SHARED, PROT_READ, Backend
 from kvmpy.backend.host import HostBackend
 from kvmpy.backend.select import kvm_available
-from kvmpy.errors import NotModelled
 from kvmpy.memory import SharedMemory
 from kvmpy.uapi import (
     FALLOC_FL_KEEP_SIZE,
@@ -471,11 +470,8 @@ def test_differential(probe: Callable[[Kvm, Rec], None]) -> None:
 
 
 def test_differential_pre_fault() -> None:
-    """KVM_PRE_FAULT_MEMORY is a vCPU ioctl: needs emulated vCPUs (emu-vcpu)."""
-    try:
-        real, emu = differential(probe_pre_fault)
-    except NotModelled as e:
-        pytest.skip(f"emulated vCPUs unavailable: {e}")
+    """KVM_PRE_FAULT_MEMORY is a vCPU ioctl (emulated vCPUs are a hard dependency: no skip)."""
+    real, emu = differential(probe_pre_fault)
     assert emu == real
 
 

@@ -344,15 +344,11 @@ def test_pre_fault_unsupported_profile() -> None:
 
 def test_pre_fault_ioctl_through_vcpu(ekvm: Kvm) -> None:
     """The vCPU ioctl copies the leftover range back into the caller's struct."""
-    from kvmpy.errors import NotModelled
     from kvmpy.uapi import kvm_pre_fault_memory
 
     with ekvm.create_vm() as vm, SharedMemory(ekvm.backend, MB) as mem:
         vm.set_user_memory_region(0, 0, GIB4, MB, mem.addr)
-        try:
-            vcpu = vm.create_vcpu()
-        except NotModelled as e:
-            pytest.skip(f"emulated vCPUs unavailable: {e}")
+        vcpu = vm.create_vcpu()
         r = kvm_pre_fault_memory(gpa=GIB4 + MB - 4096, size=3 * 4096)
         assert vcpu.try_pre_fault_memory(r) == 0
         assert (r.gpa, r.size) == (GIB4 + MB, 2 * 4096)
