@@ -9,24 +9,10 @@ import struct
 
 import pytest
 
-from kvmpy.backend.emu.x86.testing import DATA, FakeVm, Guest
+from kvmpy.backend.emu.x86.testing import DATA, FakeVm
 from kvmpy.uapi import ExitReason, Hypercall, KvmHcError
 
 pytestmark = pytest.mark.guest
-
-
-@pytest.fixture
-def guests():
-    made: list[Guest] = []
-
-    def make(src: str, **kw) -> Guest:
-        g = Guest(src, **kw)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
 
 
 def test_out_exit_reports_data_and_rip_after(guests):

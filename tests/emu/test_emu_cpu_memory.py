@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from kvmpy.backend.emu import EmuBackend
-from kvmpy.backend.emu.x86.testing import FakeGmem, FakeVm, Guest, Memfd
+from kvmpy.backend.emu.x86.testing import FakeGmem, FakeVm, Memfd
 from kvmpy.memory import SharedMemory, anonymous
 from kvmpy.system import Kvm
 from kvmpy.uapi import (
@@ -49,31 +49,17 @@ def loop_src(n_sync: int = 4) -> str:
 """
 
 
-@pytest.fixture
-def fake():
-    made = []
-
-    def make(src, **kw):
-        g = Guest(src, **kw)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
-
-
 def _gmem(size: int) -> FakeGmem:
     fd = os.memfd_create("gmem", os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
     return FakeGmem(fd, size)
 
 
-def test_private_page_served_from_gmem_then_shared_backing_after_conversion(fake):
+def test_private_page_served_from_gmem_then_shared_backing_after_conversion(guests):
     """A private gfn in a guest_memfd slot is the guest_memfd page; converting it to shared
     makes the guest see the shared backing (and its own earlier write stays in the gmem)."""
     vm = FakeVm()
-    g = fake(loop_src(), vm=vm)
+    g = guests(loop_src(), vm=vm)
     shared = Memfd(PAGE, "shared")
     gm = _gmem(PAGE)
     shared.write(0, struct.pack("<Q", 0xAAAA))
@@ -93,13 +79,13 @@ def test_private_page_served_from_gmem_then_shared_backing_after_conversion(fake
     os.close(gm.fd)
 
 
-def test_punch_hole_is_seen_by_the_guest(fake):
+def test_punch_hole_is_seen_by_the_guest(guests):
     """After a punch-hole of a private page (and the zap KVM does for it) the guest reads
     zeroes from it."""
     from kvmpy.backend.emu._libc import libc_fallocate
 
     vm = FakeVm()
-    g = fake(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
+    g = guests(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
     gm = _gmem(PAGE)
     os.pwrite(gm.fd, struct.pack("<Q", 0xF00D), 0)
     vm.set_slot(1, GPA, PAGE, 0, gmem=gm)
@@ -111,11 +97,11 @@ def test_punch_hole_is_seen_by_the_guest(fake):
     os.close(gm.fd)
 
 
-def test_private_access_without_gmem_is_memory_fault(fake):
+def test_private_access_without_gmem_is_memory_fault(guests):
     """A private gfn in a slot without guest_memfd: KVM_RUN fails with EFAULT and
     KVM_EXIT_MEMORY_FAULT, flags PRIVATE, the page-aligned gpa and size 4096."""
     vm = FakeVm()
-    g = fake(loop_src(), vm=vm)
+    g = guests(loop_src(), vm=vm)
     shared = Memfd(4 * PAGE, "shared")
     vm.set_slot(1, GPA, 4 * PAGE, shared.addr)
     vm.set_private(GPA, PAGE, True)
@@ -130,11 +116,11 @@ def test_private_access_without_gmem_is_memory_fault(fake):
     shared.close()
 
 
-def test_private_gfn_without_memslot_is_private_memory_fault(fake):
+def test_private_gfn_without_memslot_is_private_memory_fault(guests):
     """kvm_handle_noslot_fault(): a private fault with no memslot exits with
     KVM_EXIT_MEMORY_FAULT (PRIVATE) instead of emulated MMIO; a shared one is MMIO."""
     vm = FakeVm()
-    g = fake(loop_src(), vm=vm)
+    g = guests(loop_src(), vm=vm)
     vm.set_private(GPA, PAGE, True)
     assert g.h.run() == errno.EFAULT and g.h.exit_reason == ExitReason.MEMORY_FAULT
     mf = g.h.run_struct.exit.memory_fault
@@ -143,13 +129,13 @@ def test_private_gfn_without_memslot_is_private_memory_fault(fake):
     assert g.h.run() == 0 and g.h.exit_reason == ExitReason.MMIO
 
 
-def test_page_tables_in_another_memslot(fake):
+def test_page_tables_in_another_memslot(guests):
     """Page-table pages may live in any memslot: unicorn's own walker does not fault slots
     in, so the emulator must map them before the guest sees a (wrong) #PF."""
     from kvmpy.backend.emu.x86.testing import PDPT
 
     vm = FakeVm()
-    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nhlt", vm=vm)
+    g = guests(f"mov rbx, {GPA}\nmov r12, [rbx]\nhlt", vm=vm)
     pt = Memfd(PAGE, "pt")               # the PD for [4 GiB, 5 GiB) at gpa 0x800000
     pt.write(0, b"".join(struct.pack("<Q", (GPA + (i << 21)) | 0x83) for i in range(512)))
     g.low.write(PDPT + 8 * 4, struct.pack("<Q", 0x800000 | 3))
@@ -163,9 +149,9 @@ def test_page_tables_in_another_memslot(fake):
     data.close()
 
 
-def test_deleted_slot_becomes_mmio_and_readded_slot_is_seen(fake):
+def test_deleted_slot_becomes_mmio_and_readded_slot_is_seen(guests):
     vm = FakeVm()
-    g = fake(loop_src(), vm=vm)
+    g = guests(loop_src(), vm=vm)
     a = Memfd(PAGE, "a")
     vm.set_slot(1, GPA, PAGE, a.addr)
     assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
@@ -182,11 +168,11 @@ def test_deleted_slot_becomes_mmio_and_readded_slot_is_seen(fake):
     b.close()
 
 
-def test_anonymous_shared_backing_is_mapped_directly(fake):
+def test_anonymous_shared_backing_is_mapped_directly(guests):
     """Private anonymous host memory cannot be aliased by fd: the slot is mapped directly and
     host writes are still seen by the guest without copies."""
     vm = FakeVm()
-    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov qword ptr [rbx+8], 0x77\nhlt", vm=vm)
+    g = guests(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov qword ptr [rbx+8], 0x77\nhlt", vm=vm)
     m = mmap.mmap(-1, 2 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     m[0:8] = struct.pack("<Q", 0x1234)
@@ -198,7 +184,7 @@ def test_anonymous_shared_backing_is_mapped_directly(fake):
     g.h.vcpu.phys.apply_pending()
 
 
-def test_anonymous_backing_unmapped_behind_kvm_is_memory_fault_not_a_crash(fake):
+def test_anonymous_backing_unmapped_behind_kvm_is_memory_fault_not_a_crash(guests):
     """The host frees a directly mapped anonymous backing without deleting the slot: KVM
     (through its MMU notifier) can no longer fault the pages in, so the next access is
     KVM_EXIT_MEMORY_FAULT; the emulator must not touch the vanished pages."""
@@ -210,7 +196,7 @@ def test_anonymous_backing_unmapped_behind_kvm_is_memory_fault_not_a_crash(fake)
                           ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     vm = FakeVm()
-    g = fake(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
+    g = guests(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
     addr = libc.mmap(None, 2 * PAGE, 3, 0x22, -1, 0)       # MAP_PRIVATE | MAP_ANONYMOUS
     ctypes.memmove(addr, struct.pack("<Q", 0x77), 8)
     vm.set_slot(1, GPA, 2 * PAGE, addr)
@@ -221,11 +207,11 @@ def test_anonymous_backing_unmapped_behind_kvm_is_memory_fault_not_a_crash(fake)
     assert (g.h.exit_reason, mf.flags, mf.gpa) == (ExitReason.MEMORY_FAULT, 0, GPA)
 
 
-def test_unbacked_hva_is_memory_fault_without_private_flag(fake):
+def test_unbacked_hva_is_memory_fault_without_private_flag(guests):
     """A shared gfn whose userspace_addr is not mapped: KVM cannot fault the page in and
     KVM_RUN fails with EFAULT (memory fault exit, flags 0)."""
     vm = FakeVm()
-    g = fake(loop_src(), vm=vm)
+    g = guests(loop_src(), vm=vm)
     m = mmap.mmap(-1, PAGE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     hole = addr + 64 * PAGE * 1024   # far away, assumed unmapped: checked below
@@ -240,13 +226,13 @@ def test_unbacked_hva_is_memory_fault_without_private_flag(fake):
 
 
 @pytest.mark.parametrize("prot", [0, 1], ids=["none", "read-only"])
-def test_inaccessible_host_mapping_is_memory_fault_not_a_crash(fake, prot):
+def test_inaccessible_host_mapping_is_memory_fault_not_a_crash(guests, prot):
     """A slot over a PROT_NONE or read-only host mapping: KVM cannot fault the page in for the
     access; the emulator exits with EFAULT (memory fault, flags 0) instead of touching it."""
     import ctypes.util
 
     vm = FakeVm()
-    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov [rbx], r12\nhlt", vm=vm)
+    g = guests(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov [rbx], r12\nhlt", vm=vm)
     m = mmap.mmap(-1, PAGE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -261,10 +247,10 @@ def test_inaccessible_host_mapping_is_memory_fault_not_a_crash(fake, prot):
     assert libc.mprotect(addr, PAGE, 3) == 0
 
 
-def test_readonly_slot_write_is_mmio(fake):
+def test_readonly_slot_write_is_mmio(guests):
     """Writes to a KVM_MEM_READONLY slot exit as MMIO writes (api.rst 4.35); reads work."""
     vm = FakeVm()
-    g = fake(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov dword ptr [rbx], 0x55\nhlt", vm=vm)
+    g = guests(f"mov rbx, {GPA}\nmov r12, [rbx]\nmov dword ptr [rbx], 0x55\nhlt", vm=vm)
     ro = Memfd(PAGE, "ro")
     ro.write(0, struct.pack("<Q", 0x4242))
     vm.set_slot(1, GPA, PAGE, ro.addr, flags=MemFlag.READONLY)

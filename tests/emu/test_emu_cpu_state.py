@@ -11,24 +11,10 @@ import struct
 
 import pytest
 
-from kvmpy.backend.emu.x86.testing import STACK_TOP, FakeVm, Guest, VcpuHarness, long_mode_sregs
+from kvmpy.backend.emu.x86.testing import STACK_TOP, FakeVm, VcpuHarness, long_mode_sregs
 from kvmpy.uapi import ExitReason, Ioctl, MpState, kvm_sregs
 
 pytestmark = pytest.mark.guest
-
-
-@pytest.fixture
-def guests():
-    made: list[Guest] = []
-
-    def make(src: str, **kw) -> Guest:
-        g = Guest(src, **kw)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        g.close()
 
 
 HANDLERS = """
