@@ -7,9 +7,7 @@ transcripts must be equal. Runs wherever /dev/kvm opens; skips (naming it) where
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import faulthandler
 import os
 import signal
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from kvmpy.backend import MAP_PRIVATE, MAP_SHARED, PROT_READ, Backend
 from kvmpy.backend.host import HostBackend
 from kvmpy.backend.select import kvm_available
 from kvmpy.memory import SharedMemory
+from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -35,7 +34,9 @@ from kvmpy.uapi import (
 )
 
 _ok, _why = kvm_available()
-pytestmark = pytest.mark.skipif(not _ok, reason=f"differential probes need real KVM: {_why}")
+pytestmark = pytest.mark.skipif(
+    not _ok, reason=f"differential probes need real KVM, and /dev/kvm does not open ({_why})",
+)
 
 Transcript = list[tuple[Any, ...]]
 GIB4 = 1 << 32
@@ -318,21 +319,8 @@ def probe_gmem_mmap(kvm: Kvm, r: Rec) -> None:
 
 
 def _child_touch(addr: int, write: bool) -> int:
-    """Touch ``addr`` in a forked child; return the signal that killed it (0: none)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        faulthandler.disable()      # the expected SIGBUS should not print a Python trace
-        signal.signal(signal.SIGBUS, signal.SIG_DFL)
-        try:
-            p = ctypes.c_uint8.from_address(addr)
-            if write:
-                p.value = 1
-            else:
-                _ = p.value
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    """The signal that killed a forked child touching one byte at ``addr`` (0: none)."""
+    return touch(addr, 1, write=write).signal or 0
 
 
 def probe_gmem_sigbus(kvm: Kvm, r: Rec) -> None:

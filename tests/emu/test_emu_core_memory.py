@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import faulthandler
 import gc
 import os
 import signal
@@ -20,6 +19,7 @@ from kvmpy import Kvm
 from kvmpy.backend.emu import EmuBackend, EmuVm
 from kvmpy.backend.emu.attributes import AttributeMap
 from kvmpy.memory import SharedMemory
+from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import (
     Cap,
     ExitReason,
@@ -207,20 +207,8 @@ def test_attribute_map_matches_a_set(ops: list[tuple[int, int, bool]]) -> None:
 
 
 def _child_touch(addr: int, write: bool) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        faulthandler.disable()
-        signal.signal(signal.SIGBUS, signal.SIG_DFL)
-        try:
-            p = ctypes.c_uint8.from_address(addr)
-            if write:
-                p.value = 1
-            else:
-                _ = p.value
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    """The signal that killed a forked child touching one byte at ``addr`` (0: none)."""
+    return touch(addr, 1, write=write).signal or 0
 
 
 def test_gmem_mmap_sigbus_in_child(ekvm: Kvm) -> None:
