@@ -1,27 +1,73 @@
-"""Checked and errno-returning ioctl calls shared by the object modules."""
+"""Checked and errno-returning ioctl calls shared by the object modules.
+
+Arguments are checked here, once, before any syscall: an integer argument must fit the
+unsigned long the kernel receives, and a struct is built by :func:`pack`, whose fields refuse
+values their uapi width cannot hold (kvmpy.uapi.structs), so nothing is truncated silently.
+"""
 
 from __future__ import annotations
+
+from typing import Any, TypeVar
 
 from .backend import Backend, IoctlArg
 from .errors import KvmError
 from .uapi.ioctls import Ioctl
+from .uapi.structs import KvmStruct
+
+S = TypeVar("S", bound=KvmStruct)
+
+_U64 = 1 << 64
+
+
+def int_arg(request: Ioctl | str, name: str, value: object, lo: int = -(1 << 63),
+            hi: int = _U64 - 1) -> int:
+    """``value`` as the integer an ioctl or syscall receives; TypeError/OverflowError naming the
+    call and argument otherwise. The default range is a 64-bit register (signed or unsigned)."""
+    call = request.name if isinstance(request, Ioctl) else request
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{call}: {name} must be an int, not {type(value).__name__} "
+                        f"({value!r})")
+    if not lo <= value <= hi:
+        raise OverflowError(f"{call}: {name}={value:#x} does not fit "
+                            f"[{lo:#x}, {hi:#x}]")
+    return int(value)
+
+
+def pack(request: Ioctl, cls: type[S], **fields: Any) -> S:
+    """Build the uapi struct for ``request``; a field that does not fit names the ioctl."""
+    try:
+        return cls(**fields)
+    except (OverflowError, TypeError, ValueError) as e:
+        raise type(e)(f"{request.name}: {e}") from None
+
+
+def _syscall_errno(e: OSError) -> int:
+    """The errno of a failed syscall. An OSError without one did not come from the kernel: it
+    was raised by a signal handler during the call (TimeoutError, say) and must propagate."""
+    if e.errno is None:
+        raise e
+    return int(e.errno)
 
 
 def checked_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = None,
                   detail: str = "") -> int:
     """Issue ``request``; on failure raise KvmError naming the ioctl and ``detail``."""
+    if isinstance(arg, int):
+        int_arg(request, "arg", arg)
     try:
         return backend.ioctl(fd, request, arg)
     except OSError as e:
-        raise KvmError(e.errno or 0, request.name, detail or _describe(arg)) from None
+        raise KvmError(_syscall_errno(e), request.name, detail or _describe(arg)) from None
 
 
 def errno_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = None) -> tuple[int, int]:
     """Issue ``request``; return (errno, result) with errno 0 on success."""
+    if isinstance(arg, int):
+        int_arg(request, "arg", arg)
     try:
         return 0, backend.ioctl(fd, request, arg)
     except OSError as e:
-        return e.errno or 0, -1
+        return _syscall_errno(e), -1
 
 
 def _describe(arg: IoctlArg) -> str:

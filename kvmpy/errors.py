@@ -25,6 +25,17 @@ class KvmError(OSError):
         return str(self.strerror)
 
 
+class ClosedError(KvmError):
+    """A call on a closed (or closing) Kvm, Vm, Vcpu, GuestMemfd or mapping.
+
+    errno is EBADF, as the kernel would say for a closed fd; ``what`` names the object.
+    """
+
+    def __init__(self, what: str, call: str, detail: str = "") -> None:
+        self.what = what
+        super().__init__(_errno.EBADF, call, f"{what} is closed" + (f"; {detail}" if detail else ""))
+
+
 class KvmUnavailable(RuntimeError):
     """The KVM device cannot be opened (missing, or no permission)."""
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ._call import int_arg
+from ._object import FdObject
 from .backend import MAP_SHARED, PROT_READ, PROT_WRITE, Backend
 from .errors import KvmError
 from .memory import Mapping
 from .uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GuestMemfdFlag
 
+_S64 = (-(1 << 63), (1 << 63) - 1)
 
-class GuestMemfd:
+
+class GuestMemfd(FdObject):
     """An open guest_memfd. Owns its fd and the mappings made through :meth:`mmap`."""
 
     def __init__(self, backend: Backend, fd: int, size: int, flags: int) -> None:
         self.backend = backend
-        self.fd = fd
+        self._init_fd(fd)
         self.size = size
         self.flags = flags
         self._maps: list[Mapping] = []
@@ -39,11 +43,12 @@ class GuestMemfd:
                            f"len {length:#x}")
 
     def try_fallocate(self, offset: int, length: int, mode: int = FALLOC_FL_KEEP_SIZE) -> int:
-        try:
-            self.backend.fallocate(self.fd, mode, offset, length)
-            return 0
-        except OSError as e:
-            return e.errno or 0
+        # fallocate(2) takes loff_t offset and len (fs/open.c ksys_fallocate).
+        int_arg("fallocate", "offset", offset, *_S64)
+        int_arg("fallocate", "len", length, *_S64)
+        int_arg("fallocate", "mode", mode, -(1 << 31), (1 << 31) - 1)
+        with self._use("fallocate") as fd:
+            return _errno_of(lambda: self.backend.fallocate(fd, mode, offset, length))
 
     def punch_hole(self, offset: int, length: int) -> None:
         """fallocate(KEEP_SIZE|PUNCH_HOLE): frees the range; it reads back as zeroes."""
@@ -54,19 +59,24 @@ class GuestMemfd:
 
     # --- file operations ----------------------------------------------------------------
     def fstat(self) -> os.stat_result:
-        return self.backend.fstat(self.fd)
+        with self._use("fstat") as fd:
+            return self.backend.fstat(fd)
 
     def try_read(self, count: int = 8) -> int:
-        return _errno_of(lambda: self.backend.read(self.fd, count))
+        with self._use("read") as fd:
+            return _errno_of(lambda: self.backend.read(fd, count))
 
     def try_write(self, data: bytes = b"\0" * 8) -> int:
-        return _errno_of(lambda: self.backend.write(self.fd, data))
+        with self._use("write") as fd:
+            return _errno_of(lambda: self.backend.write(fd, data))
 
     def try_pread(self, count: int = 8, offset: int = 0) -> int:
-        return _errno_of(lambda: self.backend.pread(self.fd, count, offset))
+        with self._use("pread") as fd:
+            return _errno_of(lambda: self.backend.pread(fd, count, offset))
 
     def try_pwrite(self, data: bytes = b"\0" * 8, offset: int = 0) -> int:
-        return _errno_of(lambda: self.backend.pwrite(self.fd, data, offset))
+        with self._use("pwrite") as fd:
+            return _errno_of(lambda: self.backend.pwrite(fd, data, offset))
 
     # --- mmap -----------------------------------------------------------------------------
     def mmap(self, length: int | None = None, offset: int = 0,
@@ -74,9 +84,12 @@ class GuestMemfd:
         """mmap the guest_memfd (needs GUEST_MEMFD_FLAG_MMAP; only MAP_SHARED)."""
         length = self.size if length is None else length
         try:
-            addr = self.backend.mmap(self.fd, length, prot, flags, offset)
+            with self._use("mmap") as fd:
+                addr = self.backend.mmap(fd, length, prot, flags, offset)
         except OSError as e:
-            raise KvmError(e.errno or 0, "mmap",
+            if e.errno is None:
+                raise
+            raise KvmError(e.errno, "mmap",
                            f"guest_memfd fd {self.fd}, len {length:#x}, flags {flags:#x}") from None
         m = Mapping(self.backend, addr, length, f"guest_memfd {self.fd} mapping")
         self._maps.append(m)
@@ -86,25 +99,26 @@ class GuestMemfd:
                  prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED) -> int:
         """mmap returning the errno (0 on success; the mapping is removed at once)."""
         length = self.size if length is None else length
-        try:
-            addr = self.backend.mmap(self.fd, length, prot, flags, offset)
-        except OSError as e:
-            return e.errno or 0
+        with self._use("mmap") as fd:
+            try:
+                addr = self.backend.mmap(fd, length, prot, flags, offset)
+            except OSError as e:
+                if e.errno is None:
+                    raise
+                return e.errno
         self.backend.munmap(addr, length)
         return 0
 
     # --- lifetime -------------------------------------------------------------------------
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
     def close(self) -> None:
-        for m in self._maps:
-            m.close()
-        self._maps.clear()
-        if self.fd >= 0:
+        """Unmap the mappings made here (their views are released first: Mapping.close),
+        then close the fd."""
+        if self._begin_close():
+            for m in self._maps:
+                m.close()
+            self._maps.clear()
             self.backend.close(self.fd)
-            self.fd = -1
+            self._end_close()
 
     def __enter__(self) -> GuestMemfd:
         return self
@@ -126,4 +140,6 @@ def _errno_of(fn: Any) -> int:
         fn()
         return 0
     except OSError as e:
-        return e.errno or 0
+        if e.errno is None:  # raised by a signal handler, not the kernel
+            raise
+        return e.errno

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import sys
+import weakref
 from typing import Any
 
-from .backend import MAP_ANONYMOUS, MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE, Backend
-from .errors import KvmError
+from .backend import (
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PROT_READ,
+    PROT_WRITE,
+    Backend,
+)
+from .backend.libc import libc_mmap, libc_munmap
+from .errors import ClosedError, KvmError
 
 
 class Mapping:
-    """An mmap'd range: ``addr``/``length``, a memoryview, and munmap on close."""
+    """An mmap'd range: ``addr``/``length``, memoryviews, and munmap on close.
+
+    Views never outlive the memory under them (a stale view of an unmapped page would crash
+    the process): close() releases every view :meth:`view` handed out (using one afterwards
+    raises ValueError), and if something derived from a view is still alive (a slice, a ctypes
+    struct made with from_buffer), the range is replaced by anonymous zero pages, unmapped when
+    the last such reference goes away. Python-level objects only: a raw address kept by the
+    caller is not covered.
+    """
 
     def __init__(self, backend: Backend, addr: int, length: int, what: str = "mapping") -> None:
         self.backend = backend
@@ -19,11 +40,21 @@ class Mapping:
         self.length = length
         self.what = what
         self._closed = False
+        # Every view is exported from this one object, so its reference count says whether a
+        # view (or anything derived from one) is still alive.
+        self._buf: ctypes.Array[ctypes.c_char] | None = (
+            (ctypes.c_char * length).from_address(addr) if length > 0 else None)
+        self._views: list[memoryview] = []
 
     def view(self) -> memoryview:
-        """A writable view of the whole mapping (invalid after close)."""
+        """A writable view of the whole mapping (released by close)."""
         self._check_open()
-        return memoryview((ctypes.c_char * self.length).from_address(self.addr)).cast("B")
+        assert self._buf is not None
+        if len(self._views) >= 32:  # forget views nobody holds any more
+            self._views = [v for v in self._views if sys.getrefcount(v) > 3]
+        v = memoryview(self._buf).cast("B")
+        self._views.append(v)
+        return v
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
@@ -39,7 +70,7 @@ class Mapping:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"{self.what} at {self.addr:#x} is unmapped")
+            raise ClosedError(f"{self.what} at {self.addr:#x}", "mapping access")
 
     def _check_range(self, offset: int, length: int) -> None:
         self._check_open()
@@ -52,9 +83,18 @@ class Mapping:
         return self._closed
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.backend.munmap(self.addr, self.length)
+        if self._closed:
+            return
+        self._closed = True
+        for v in self._views:
+            with contextlib.suppress(BufferError):  # something holds an export of it
+                v.release()
+        self._views.clear()
+        buf, self._buf = self._buf, None
+        self.backend.munmap(self.addr, self.length)
+        # getrefcount: our local and its own argument. More means a live derived view.
+        if buf is not None and sys.getrefcount(buf) > 2:
+            _tombstone(self.addr, self.length, buf)
 
     def __enter__(self) -> Mapping:
         return self
@@ -64,6 +104,16 @@ class Mapping:
 
     def __repr__(self) -> str:
         return f"<Mapping {self.what} {self.addr:#x}+{self.length:#x}>"
+
+
+def _tombstone(addr: int, length: int, owner: object) -> None:
+    """Back [addr, addr+length) with anonymous zero pages until ``owner`` is freed."""
+    try:
+        libc_mmap(addr, length, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0)
+    except OSError:
+        return  # the range was taken meanwhile: nothing better can be done
+    weakref.finalize(owner, libc_munmap, addr, length)
 
 
 class SharedMemory:
@@ -109,8 +159,6 @@ class SharedMemory:
 
 def anonymous(backend: Backend, size: int, what: str = "anonymous") -> Mapping:
     """A private anonymous mapping (MAP_NORESERVE), e.g. for many large memslots."""
-    from .backend import MAP_PRIVATE
-
     addr = backend.mmap(-1, size, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, 0)
     return Mapping(backend, addr, size, what)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ._call import checked_ioctl, errno_ioctl
+from ._call import checked_ioctl, errno_ioctl, int_arg
+from ._object import FdObject
 from .backend import Backend
-from .errors import KvmError
+from .errors import KvmError, KvmUnavailable
 from .uapi import Cap, Ioctl, VmType, kvm_cpuid_entry2, make_cpuid2
 
 if TYPE_CHECKING:
     from .vm import Vm
 
 
-class Kvm:
+class Kvm(FdObject):
     """An open KVM device (``/dev/kvm``, or the emulated one) and the VMs created from it."""
 
     def __init__(self, backend: Backend | None = None) -> None:
@@ -23,24 +24,46 @@ class Kvm:
 
             backend = HostBackend()
         self.backend = backend
-        self.fd = backend.open_kvm()
+        self._init_fd(backend.open_kvm())
         self._vms: list[Vm] = []
         self._mmap_size: int | None = None
+        # A device that is not KVM (KVMPY_DEVICE=/dev/null, a file) answers the first ioctl with
+        # ENOTTY; say so here rather than at some later call. KVM_API_VERSION is 12 (kvm.h).
+        try:
+            version = self.backend.ioctl(self.fd, Ioctl.KVM_GET_API_VERSION)
+        except OSError as e:
+            self.close()
+            if e.errno is None:  # raised by a signal handler, not the kernel
+                raise
+            raise KvmUnavailable(f"{getattr(backend, 'device', backend.name)} is not a KVM "
+                                 f"device: KVM_GET_API_VERSION failed: {e.strerror}") from None
+        if version != 12:
+            self.close()
+            raise KvmUnavailable(f"{getattr(backend, 'device', backend.name)}: "
+                                 f"KVM_GET_API_VERSION is {version}, not 12")
+
+    def __repr__(self) -> str:
+        return f"<Kvm fd {self.fd} {self.backend.name}>"
 
     # --- queries ----------------------------------------------------------------------
     def get_api_version(self) -> int:
         """KVM_GET_API_VERSION (always 12)."""
-        return checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_API_VERSION)
+        with self._use("KVM_GET_API_VERSION") as fd:
+            return checked_ioctl(self.backend, fd, Ioctl.KVM_GET_API_VERSION)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm: 0 when the capability is absent."""
-        return checked_ioctl(self.backend, self.fd, Ioctl.KVM_CHECK_EXTENSION, int(cap),
-                             f"cap={_cap_name(cap)}")
+        # The argument is a long (kvm_vm_ioctl_check_extension_generic).
+        cap = int_arg(Ioctl.KVM_CHECK_EXTENSION, "cap", cap)
+        with self._use("KVM_CHECK_EXTENSION") as fd:
+            return checked_ioctl(self.backend, fd, Ioctl.KVM_CHECK_EXTENSION, cap,
+                                 f"cap={_cap_name(cap)}")
 
     def get_vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (kvm_run and the PIO page)."""
         if self._mmap_size is None:
-            self._mmap_size = checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_VCPU_MMAP_SIZE)
+            with self._use("KVM_GET_VCPU_MMAP_SIZE") as fd:
+                self._mmap_size = checked_ioctl(self.backend, fd, Ioctl.KVM_GET_VCPU_MMAP_SIZE)
         return self._mmap_size
 
     def get_supported_cpuid(self) -> list[kvm_cpuid_entry2]:
@@ -48,7 +71,8 @@ class Kvm:
         nent = 64
         while True:
             buf = make_cpuid2(nent)
-            err, _ = errno_ioctl(self.backend, self.fd, Ioctl.KVM_GET_SUPPORTED_CPUID, buf)
+            with self._use("KVM_GET_SUPPORTED_CPUID") as fd:
+                err, _ = errno_ioctl(self.backend, fd, Ioctl.KVM_GET_SUPPORTED_CPUID, buf)
             if err == errno.E2BIG and nent < 4096:
                 nent *= 2
                 continue
@@ -67,15 +91,19 @@ class Kvm:
         """KVM_CREATE_VM(type)."""
         from .vm import Vm
 
-        fd = checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_VM, int(vm_type),
-                           f"type={_vm_type_name(vm_type)}")
+        vm_type = int_arg(Ioctl.KVM_CREATE_VM, "type", vm_type)
+        with self._use("KVM_CREATE_VM") as kfd:
+            fd = checked_ioctl(self.backend, kfd, Ioctl.KVM_CREATE_VM, vm_type,
+                               f"type={_vm_type_name(vm_type)}")
         vm = Vm(self, fd, vm_type)
         self._vms.append(vm)
         return vm
 
     def try_create_vm(self, vm_type: int) -> int:
         """KVM_CREATE_VM returning the errno (0 on success; the VM is closed at once)."""
-        err, fd = errno_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_VM, int(vm_type))
+        vm_type = int_arg(Ioctl.KVM_CREATE_VM, "type", vm_type)
+        with self._use("KVM_CREATE_VM") as kfd:
+            err, fd = errno_ioctl(self.backend, kfd, Ioctl.KVM_CREATE_VM, vm_type)
         if not err:
             self.backend.close(fd)
         return err
@@ -89,9 +117,9 @@ class Kvm:
         """Close every VM created here, then the system fd."""
         for vm in list(self._vms):
             vm.close()
-        if self.fd >= 0:
+        if self._begin_close():
             self.backend.close(self.fd)
-            self.fd = -1
+            self._end_close()
 
     def __enter__(self) -> Kvm:
         return self

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import threading
 from typing import TYPE_CHECKING, Any
 
-from ._call import checked_ioctl, errno_ioctl
-from .backend import MAP_SHARED, PROT_READ, PROT_WRITE
-from .errors import KvmError
+from ._call import checked_ioctl, errno_ioctl, pack
+from ._object import FdObject
+from .backend import MAP_SHARED, PROT_READ, PROT_WRITE, IoctlArg
+from .errors import ClosedError, KvmError
 from .memory import Mapping
 from .uapi import (
     ExitReason,
@@ -104,56 +107,112 @@ class Exit:
         return f"KVM_EXIT_{name}{detail}"
 
 
-class Vcpu:
-    """A vCPU fd and its kvm_run mapping."""
+class Vcpu(FdObject):
+    """A vCPU fd and its kvm_run mapping.
+
+    Another thread may :meth:`kick` a KVM_RUN in progress or :meth:`close` the vCPU under it:
+    close kicks the run, waits for it to return (bounded), then unmaps kvm_run; the running
+    thread gets a ClosedError instead of its exit.
+    """
 
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
         self.vm = vm
         self.backend = vm.backend
-        self.fd = fd
+        self._init_fd(fd)
         self.id = vcpu_id
         size = vm.kvm.get_vcpu_mmap_size()
         try:
             addr = self.backend.mmap(fd, size, PROT_READ | PROT_WRITE, MAP_SHARED, 0)
         except OSError as e:
             self.backend.close(fd)
+            self.fd = -1
             raise KvmError(e.errno or 0, "mmap", f"kvm_run of vCPU {vcpu_id}") from None
         self._map = Mapping(self.backend, addr, size, f"kvm_run of vCPU {vcpu_id}")
-        self.run_struct: kvm_run = kvm_run.from_address(addr)
+        self._view = self._map.view()
+        # from_buffer, not from_address: the struct holds an export of the mapping, so one kept
+        # past close() is seen by Mapping.close and never reads an unmapped page.
+        self._run: kvm_run = kvm_run.from_buffer(self._view)
         self.last_exit: Exit | None = None
+        #: The thread inside KVM_RUN (ident), if any; guarded by _cv.
+        self._runner: int | None = None
+        self._kicked = False
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} fd {self.fd} of {self.vm!r}>"
+
+    @property
+    def run_struct(self) -> kvm_run:
+        """The mmap'd kvm_run (valid while the vCPU is open)."""
+        self._check_open("kvm_run")
+        return self._run
 
     # --- running ------------------------------------------------------------------------
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit.
 
         KVM_EXIT_MEMORY_FAULT (-1/EFAULT) and KVM_EXIT_INTR (-1/EINTR) come back as exits;
-        any other failure raises KvmError.
+        any other failure raises KvmError, and a vCPU closed during the run ClosedError. An
+        exception raised by a signal handler during the run propagates.
         """
-        err, _ = errno_ioctl(self.backend, self.fd, Ioctl.KVM_RUN)
-        reason = self.run_struct.exit_reason
-        if err and not (err == errno.EFAULT and reason == ExitReason.MEMORY_FAULT) \
-                and err != errno.EINTR:
-            raise KvmError(err, "KVM_RUN", f"vCPU {self.id}, exit_reason "
-                           f"{ExitReason.name_of(reason)}")
-        if err == errno.EINTR:
-            reason = ExitReason.INTR
-        ex = self._decode(reason, err)
+        with self._use("KVM_RUN") as fd:
+            err = self._run_once(fd)
+            reason = self._run.exit_reason
+            if err and not (err == errno.EFAULT and reason == ExitReason.MEMORY_FAULT) \
+                    and err != errno.EINTR:
+                raise KvmError(err, "KVM_RUN", f"vCPU {self.id}, exit_reason "
+                               f"{ExitReason.name_of(reason)}")
+            if err == errno.EINTR:
+                reason = ExitReason.INTR
+            ex = self._decode(reason, err)
+        if self._closing:
+            raise ClosedError(self._what(), "KVM_RUN", "closed by another thread during the run")
         self.last_exit = ex
         return ex
 
     def try_run(self) -> int:
         """KVM_RUN returning the errno (0 on success)."""
-        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_RUN)[0]
+        with self._use("KVM_RUN") as fd:
+            return self._run_once(fd)
+
+    def _run_once(self, fd: int, request: Ioctl = Ioctl.KVM_RUN, arg: IoctlArg = None) -> int:
+        """One KVM_RUN (or KVM_PRE_FAULT_MEMORY), kickable by another thread while it is in
+        progress (see kick)."""
+        token = self.backend.run_begin(fd, request == Ioctl.KVM_RUN)
+        with self._cv:
+            self._runner = threading.get_ident()
+            self._kicked = False
+        try:
+            return errno_ioctl(self.backend, fd, request, arg)[0]
+        finally:
+            with self._cv:
+                self._runner = None
+                kicked = self._kicked
+            self.backend.run_end(fd, token, kicked)
+
+    def kick(self) -> bool:
+        """Make a KVM_RUN (or KVM_PRE_FAULT_MEMORY) in progress in another thread return
+        (KVM_EXIT_INTR / EINTR). Returns False
+        when no run is in progress; a kick that lands just before the run starts still ends it
+        (the backend keeps it pending), one sent after it returned is never delivered."""
+        with self._cv:
+            return self._kick_locked()
+
+    def _kick_locked(self) -> bool:
+        if self._runner is None or self.fd < 0:
+            return False
+        self.backend.kick(self.fd, self._runner)
+        self._kicked = True
+        return True
+
+    def _evict(self) -> None:
+        self._kick_locked()
 
     def _decode(self, reason: int, err: int) -> Exit:
         try:
             r: ExitReason | int = ExitReason(reason)
         except ValueError:
             r = reason
-        u = self.run_struct.exit
+        u = self._run.exit
         if r == ExitReason.IO:
             io = u.io
             data = b""
@@ -194,7 +253,8 @@ class Vcpu:
         try:
             err = self.try_run()
         finally:
-            self.immediate_exit = False
+            if not self.closed:
+                self.immediate_exit = False
         if err != errno.EINTR:
             raise KvmError(err or errno.EINVAL, "KVM_RUN",
                            "immediate_exit to complete IO did not return EINTR")
@@ -203,42 +263,53 @@ class Vcpu:
         """The PIO data area (kvm_run + io.data_offset) for the current IO exit."""
         io = self.run_struct.exit.io
         n = io.size * io.count
-        return self._map.view()[io.data_offset: io.data_offset + n]
+        if io.data_offset + n > self._map.length:
+            raise ValueError(f"vCPU {self.id}: io.data_offset {io.data_offset:#x} + {n} is "
+                             f"outside the {self._map.length:#x}-byte kvm_run mapping")
+        return self._view[io.data_offset: io.data_offset + n]
+
+    def _ioctl(self, request: Ioctl, arg: IoctlArg = None, detail: str = "") -> int:
+        with self._use(request.name) as fd:
+            return checked_ioctl(self.backend, fd, request, arg, detail)
+
+    def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> int:
+        with self._use(request.name) as fd:
+            return errno_ioctl(self.backend, fd, request, arg)[0]
 
     # --- registers ----------------------------------------------------------------------
     def get_regs(self) -> kvm_regs:
         r = kvm_regs()
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_REGS, r)
+        self._ioctl(Ioctl.KVM_GET_REGS, r)
         return r
 
     def set_regs(self, regs: kvm_regs) -> None:
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_REGS, regs)
+        self._ioctl(Ioctl.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> kvm_sregs:
         s = kvm_sregs()
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_SREGS, s)
+        self._ioctl(Ioctl.KVM_GET_SREGS, s)
         return s
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_SREGS, sregs)
+        self._ioctl(Ioctl.KVM_SET_SREGS, sregs)
 
     def set_cpuid2(self, entries: list[kvm_cpuid_entry2]) -> None:
         buf = make_cpuid2(len(entries))
         for i, e in enumerate(entries):
             buf.entries[i] = e
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_CPUID2, buf,
-                      f"{len(entries)} entries")
+        self._ioctl(Ioctl.KVM_SET_CPUID2, buf, f"{len(entries)} entries")
 
     def get_mp_state(self) -> MpState | int:
         s = kvm_mp_state()
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_GET_MP_STATE, s)
+        self._ioctl(Ioctl.KVM_GET_MP_STATE, s)
         try:
             return MpState(s.mp_state)
         except ValueError:
             return int(s.mp_state)
 
     def set_mp_state(self, state: int) -> None:
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_MP_STATE, kvm_mp_state(int(state)))
+        self._ioctl(Ioctl.KVM_SET_MP_STATE,
+                    pack(Ioctl.KVM_SET_MP_STATE, kvm_mp_state, mp_state=int(state)))
 
     # --- pre-fault ------------------------------------------------------------------------
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> kvm_pre_fault_memory:
@@ -246,9 +317,10 @@ class Vcpu:
 
         Returns the final range (size 0 on success); raises KvmError with what is left on error.
         """
-        r = kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
+        r = pack(Ioctl.KVM_PRE_FAULT_MEMORY, kvm_pre_fault_memory, gpa=gpa, size=size,
+                 flags=flags)
         while True:
-            err, _ = errno_ioctl(self.backend, self.fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)
+            err = self.try_pre_fault_memory(r)
             if err in (errno.EINTR, errno.EAGAIN):
                 continue
             if err:
@@ -260,14 +332,20 @@ class Vcpu:
 
     def try_pre_fault_memory(self, r: kvm_pre_fault_memory) -> int:
         """One KVM_PRE_FAULT_MEMORY call on ``r`` (updated in place); returns the errno."""
-        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)[0]
+        with self._use("KVM_PRE_FAULT_MEMORY") as fd:
+            return self._run_once(fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        if self.fd >= 0:
+        """Kick a run in progress, wait for it (bounded: KvmError EBUSY, nothing unmapped),
+        then unmap kvm_run and close the fd."""
+        if self._begin_close():
+            del self._run
+            with contextlib.suppress(BufferError):  # a kept run_struct: Mapping.close copes
+                self._view.release()
             self._map.close()
             self.backend.close(self.fd)
-            self.fd = -1
+            self._end_close()
         if self in self.vm.vcpus:
             self.vm.vcpus.remove(self)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from ._call import checked_ioctl, errno_ioctl
+from ._call import checked_ioctl, errno_ioctl, int_arg, pack
+from ._object import FdObject
+from .backend import IoctlArg
 from .gmem import GuestMemfd
 from .system import _cap_name, _vm_type_name
 from .uapi import (
@@ -47,21 +49,23 @@ class Memslot:
                 f"{self.memory_size:#x}, hva {self.userspace_addr:#x}{g})")
 
 
-def _fd_of(gmem: GuestMemfd | int | None) -> int:
+def _fd_of(gmem: GuestMemfd | int | None, call: Ioctl) -> int:
     if gmem is None:
         return 0
     if isinstance(gmem, GuestMemfd):
+        gmem._check_open(call.name)
         return gmem.fd
-    return int(gmem)
+    # An int fd stored in the __u32 field as C stores it (-1 becomes 0xffffffff).
+    return int_arg(call, "guest_memfd", gmem, -(1 << 31), (1 << 32) - 1) & 0xFFFF_FFFF
 
 
-class Vm:
+class Vm(FdObject):
     """A VM fd. Children (vCPUs, owned guest_memfds) close before it."""
 
     def __init__(self, kvm: Kvm, fd: int, vm_type: int) -> None:
         self.kvm = kvm
         self.backend = kvm.backend
-        self.fd = fd
+        self._init_fd(fd)
         self.type = vm_type
         self.memslots: dict[int, Memslot] = {}
         self.vcpus: list[Vcpu] = []
@@ -70,42 +74,45 @@ class Vm:
     def __repr__(self) -> str:
         return f"<Vm fd {self.fd} {_vm_type_name(self.type)} on {self.backend.name}>"
 
+    def _ioctl(self, request: Ioctl, arg: IoctlArg = None, detail: str = "") -> int:
+        with self._use(request.name) as fd:
+            return checked_ioctl(self.backend, fd, request, arg, detail)
+
+    def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> tuple[int, int]:
+        with self._use(request.name) as fd:
+            return errno_ioctl(self.backend, fd, request, arg)
+
     # --- capabilities -----------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM type)."""
-        return checked_ioctl(self.backend, self.fd, Ioctl.KVM_CHECK_EXTENSION, int(cap),
-                             f"cap={_cap_name(cap)}")
+        cap = int_arg(Ioctl.KVM_CHECK_EXTENSION, "cap", cap)
+        return self._ioctl(Ioctl.KVM_CHECK_EXTENSION, cap, f"cap={_cap_name(cap)}")
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM fd."""
-        ec = self._enable_cap_struct(cap, args, flags)
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_ENABLE_CAP, ec)
+        self._ioctl(Ioctl.KVM_ENABLE_CAP, self._enable_cap_struct(cap, args, flags))
 
     def try_enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
-        ec = self._enable_cap_struct(cap, args, flags)
-        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_ENABLE_CAP, ec)[0]
+        return self._try_ioctl(Ioctl.KVM_ENABLE_CAP, self._enable_cap_struct(cap, args, flags))[0]
 
     @staticmethod
     def _enable_cap_struct(cap: int, args: tuple[int, ...], flags: int) -> kvm_enable_cap:
-        ec = kvm_enable_cap(cap=int(cap), flags=flags)
-        for i, a in enumerate(args):
-            ec.args[i] = a
-        return ec
+        return pack(Ioctl.KVM_ENABLE_CAP, kvm_enable_cap, cap=cap, flags=flags, args=args)
 
     # --- memslots ---------------------------------------------------------------------
     def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
                                hva: int) -> None:
         """KVM_SET_USER_MEMORY_REGION (v1). size 0 deletes the slot."""
-        r = kvm_userspace_memory_region(slot, int(flags), gpa, size, hva)
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, r)
-        self._record(Memslot(slot, int(flags), gpa, size, hva))
+        r = self._region(slot, flags, gpa, size, hva)
+        self._ioctl(Ioctl.KVM_SET_USER_MEMORY_REGION, r)
+        self._record(Memslot(r.slot, r.flags, gpa, size, hva))
 
     def try_set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
                                    hva: int) -> int:
-        r = kvm_userspace_memory_region(slot, int(flags), gpa, size, hva)
-        err = errno_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, r)[0]
+        r = self._region(slot, flags, gpa, size, hva)
+        err = self._try_ioctl(Ioctl.KVM_SET_USER_MEMORY_REGION, r)[0]
         if not err:
-            self._record(Memslot(slot, int(flags), gpa, size, hva))
+            self._record(Memslot(r.slot, r.flags, gpa, size, hva))
         return err
 
     def set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
@@ -114,14 +121,14 @@ class Vm:
         """KVM_SET_USER_MEMORY_REGION2. ``guest_memfd`` binds a slot to a guest_memfd (with
         KVM_MEM_GUEST_MEMFD in flags); size 0 deletes the slot."""
         r = self._region2(slot, flags, gpa, size, hva, guest_memfd, guest_memfd_offset)
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
+        self._ioctl(Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
         self._record(self._memslot(r, guest_memfd))
 
     def try_set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
                                     guest_memfd: GuestMemfd | int | None = None,
                                     guest_memfd_offset: int = 0) -> int:
         r = self._region2(slot, flags, gpa, size, hva, guest_memfd, guest_memfd_offset)
-        err = errno_ioctl(self.backend, self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)[0]
+        err = self._try_ioctl(Ioctl.KVM_SET_USER_MEMORY_REGION2, r)[0]
         if not err:
             self._record(self._memslot(r, guest_memfd))
         return err
@@ -131,12 +138,20 @@ class Vm:
         self.set_user_memory_region2(slot, 0, 0, 0, 0)
 
     @staticmethod
+    def _region(slot: int, flags: int, gpa: int, size: int,
+                hva: int) -> kvm_userspace_memory_region:
+        return pack(Ioctl.KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region,
+                    slot=slot, flags=int(flags), guest_phys_addr=gpa, memory_size=size,
+                    userspace_addr=hva)
+
+    @staticmethod
     def _region2(slot: int, flags: int, gpa: int, size: int, hva: int,
                  gmem: GuestMemfd | int | None, off: int) -> kvm_userspace_memory_region2:
-        return kvm_userspace_memory_region2(
-            slot=slot, flags=int(flags), guest_phys_addr=gpa, memory_size=size,
-            userspace_addr=hva, guest_memfd_offset=off,
-            guest_memfd=_fd_of(gmem) & 0xFFFFFFFF)
+        call = Ioctl.KVM_SET_USER_MEMORY_REGION2
+        return pack(call, kvm_userspace_memory_region2,
+                    slot=slot, flags=int(flags), guest_phys_addr=gpa, memory_size=size,
+                    userspace_addr=hva, guest_memfd_offset=off,
+                    guest_memfd=_fd_of(gmem, call))
 
     @staticmethod
     def _memslot(r: kvm_userspace_memory_region2, gmem: GuestMemfd | int | None) -> Memslot:
@@ -154,16 +169,18 @@ class Vm:
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD. The guest_memfd is closed with the VM unless
         :meth:`disown` hands it to the caller."""
-        arg = kvm_create_guest_memfd(size=size, flags=int(flags))
-        fd = checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_GUEST_MEMFD, arg)
+        arg = pack(Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd, size=size,
+                   flags=int(flags))
+        fd = self._ioctl(Ioctl.KVM_CREATE_GUEST_MEMFD, arg)
         g = GuestMemfd(self.backend, fd, size, int(flags))
         self._gmems.append(g)
         return g
 
     def try_create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """KVM_CREATE_GUEST_MEMFD returning the errno; on success the fd is closed at once."""
-        arg = kvm_create_guest_memfd(size=size & 0xFFFF_FFFF_FFFF_FFFF, flags=int(flags))
-        err, fd = errno_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_GUEST_MEMFD, arg)
+        arg = pack(Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd, size=size,
+                   flags=int(flags))
+        err, fd = self._try_ioctl(Ioctl.KVM_CREATE_GUEST_MEMFD, arg)
         if not err:
             self.backend.close(fd)
         return err
@@ -177,14 +194,18 @@ class Vm:
     def set_memory_attributes(self, gpa: int, size: int,
                               attributes: int = MemoryAttribute.PRIVATE, flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES over [gpa, gpa+size)."""
-        a = kvm_memory_attributes(gpa, size, int(attributes), flags)
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_MEMORY_ATTRIBUTES, a)
+        self._ioctl(Ioctl.KVM_SET_MEMORY_ATTRIBUTES, self._attrs(gpa, size, attributes, flags))
 
     def try_set_memory_attributes(self, gpa: int, size: int,
                                   attributes: int = MemoryAttribute.PRIVATE,
                                   flags: int = 0) -> int:
-        a = kvm_memory_attributes(gpa & (2**64 - 1), size & (2**64 - 1), int(attributes), flags)
-        return errno_ioctl(self.backend, self.fd, Ioctl.KVM_SET_MEMORY_ATTRIBUTES, a)[0]
+        return self._try_ioctl(Ioctl.KVM_SET_MEMORY_ATTRIBUTES,
+                               self._attrs(gpa, size, attributes, flags))[0]
+
+    @staticmethod
+    def _attrs(gpa: int, size: int, attributes: int, flags: int) -> kvm_memory_attributes:
+        return pack(Ioctl.KVM_SET_MEMORY_ATTRIBUTES, kvm_memory_attributes, address=gpa,
+                    size=size, attributes=int(attributes), flags=flags)
 
     def set_private(self, gpa: int, size: int) -> None:
         self.set_memory_attributes(gpa, size, MemoryAttribute.PRIVATE)
@@ -194,10 +215,10 @@ class Vm:
 
     # --- other VM ioctls --------------------------------------------------------------
     def create_irqchip(self) -> None:
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_IRQCHIP)
+        self._ioctl(Ioctl.KVM_CREATE_IRQCHIP)
 
     def set_nr_mmu_pages(self, n: int) -> None:
-        checked_ioctl(self.backend, self.fd, Ioctl.KVM_SET_NR_MMU_PAGES, n)
+        self._ioctl(Ioctl.KVM_SET_NR_MMU_PAGES, int_arg(Ioctl.KVM_SET_NR_MMU_PAGES, "n", n, 0))
 
     # --- vCPUs ------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
@@ -206,28 +227,27 @@ class Vm:
 
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
-        fd = checked_ioctl(self.backend, self.fd, Ioctl.KVM_CREATE_VCPU, vcpu_id,
-                           f"vcpu_id={vcpu_id}")
+        # An unsigned long; KVM refuses ids >= KVM_MAX_VCPU_IDS with EINVAL (kvm_main.c).
+        vcpu_id = int_arg(Ioctl.KVM_CREATE_VCPU, "vcpu_id", vcpu_id, 0)
+        fd = self._ioctl(Ioctl.KVM_CREATE_VCPU, vcpu_id, f"vcpu_id={vcpu_id}")
         v = Vcpu(self, fd, vcpu_id)
         self.vcpus.append(v)
         return v
 
     # --- lifetime ---------------------------------------------------------------------
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
     def close(self) -> None:
-        """Close vCPUs and owned guest_memfds, then the VM fd."""
+        """Close vCPUs and owned guest_memfds, then the VM fd (new calls on the VM are refused
+        from the start). A vCPU whose KVM_RUN does not return raises here, and nothing is
+        unmapped or closed after it."""
+        closing = self._begin_close()
         for v in list(self.vcpus):
             v.close()
-        self.vcpus.clear()
         for g in list(self._gmems):
             g.close()
         self._gmems.clear()
-        if self.fd >= 0:
+        if closing:
             self.backend.close(self.fd)
-            self.fd = -1
+            self._end_close()
         self.kvm._forget(self)
 
     def __enter__(self) -> Vm:

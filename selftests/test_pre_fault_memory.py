@@ -264,8 +264,7 @@ def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> N
     stuck = []
     try:
         while True:
-            with WATCHDOG.watch(s.vcpu.backend, s.vcpu.fd,
-                                time.monotonic() + RACE_CALL_BUDGET) as w:
+            with WATCHDOG.watch(s.vcpu, time.monotonic() + RACE_CALL_BUDGET) as w:
                 call = _call(r)
                 err = _one(s.vcpu, r)
             if w.fired:

@@ -155,8 +155,7 @@ class Stress:
             while t.is_alive() and v.last_exit is None and self.get(OFF_ACK + 8 * v.id) != ACK_DONE:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"vCPU {v.id} did not leave KVM_RUN after a kick")
-                if t.ident is not None:
-                    self.g.backend.kick(v.fd, t.ident)
+                v.kick()
                 time.sleep(0.0005)
 
     # --- checks of the shared view ------------------------------------------------------------

@@ -24,6 +24,7 @@ MAP_PRIVATE = _mmap.MAP_PRIVATE
 MAP_ANONYMOUS = _mmap.MAP_ANONYMOUS
 MAP_FIXED = 0x10
 MAP_NORESERVE = 0x4000
+MAP_FIXED_NOREPLACE = 0x100000
 
 
 class Backend(abc.ABC):
@@ -76,11 +77,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def close(self, fd: int) -> None: ...
 
+    def run_begin(self, vcpu_fd: int, kvm_run: bool = True) -> object:
+        """Called by the thread about to issue KVM_RUN (``kvm_run``) or another interruptible
+        vCPU ioctl (KVM_PRE_FAULT_MEMORY) on ``vcpu_fd``: make :meth:`kick` able to interrupt
+        it. Returns a token for :meth:`run_end`."""
+        return None
+
+    def run_end(self, vcpu_fd: int, token: object, kicked: bool) -> None:
+        """Called by the same thread after KVM_RUN returned; ``kicked`` says whether
+        :meth:`kick` was called for this run (so a pending kick can be consumed)."""
+        return None
+
     @abc.abstractmethod
     def kick(self, vcpu_fd: int, thread_ident: int) -> None:
         """Interrupt a KVM_RUN in progress on ``vcpu_fd`` in thread ``thread_ident`` the way a
         signal does on real KVM: the run returns -1/EINTR with exit_reason KVM_EXIT_INTR.
-        A kick that lands while no KVM_RUN is in progress may be lost: callers repeat it."""
+        Only :class:`kvmpy.vcpu.Vcpu` calls it, between run_begin and run_end of that thread."""
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -335,6 +335,12 @@ class FaultBackend(Backend):
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         return self.inner.pwrite(fd, data, offset)
 
+    def run_begin(self, vcpu_fd: int, kvm_run: bool = True) -> object:
+        return self.inner.run_begin(vcpu_fd, kvm_run)
+
+    def run_end(self, vcpu_fd: int, token: object, kicked: bool) -> None:
+        self.inner.run_end(vcpu_fd, token, kicked)
+
     def kick(self, vcpu_fd: int, thread_ident: int) -> None:
         self.inner.kick(vcpu_fd, thread_ident)
 

@@ -14,6 +14,8 @@ import signal
 import threading
 
 from ..errors import KvmUnavailable
+from ..uapi.ioctls import Ioctl
+from ..uapi.structs import kvm_signal_mask_x86
 from . import Backend, IoctlArg, default_device
 from .libc import errno_error, libc, libc_fallocate, libc_madvise, libc_mmap, libc_munmap
 
@@ -29,23 +31,31 @@ def arg_pointer(arg: IoctlArg) -> int:
     if arg is None:
         return 0
     if isinstance(arg, int):
-        return arg & 0xFFFF_FFFF_FFFF_FFFF
+        if not -(1 << 63) <= arg < 1 << 64:
+            raise OverflowError(f"ioctl argument {arg:#x} does not fit an unsigned long")
+        return arg & 0xFFFF_FFFF_FFFF_FFFF  # a negative long, as C passes it
     return ctypes.addressof(arg)
 
 
+#: The signal that kicks a vCPU out of KVM_RUN.
 KICK_SIGNAL = signal.SIGUSR1
 
 
-def _install_kick_handler() -> None:
-    """A no-op Python handler for KICK_SIGNAL: CPython installs it without SA_RESTART, so a
-    KVM_RUN in the signalled thread returns EINTR instead of the process dying. Handlers can
-    only be installed from the main thread; HostBackend() does it there."""
-    if threading.current_thread() is not threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-            raise RuntimeError("create a HostBackend in the main thread before kicking vCPUs")
+def _sigset_bits(signals: set[signal.Signals] | set[int]) -> int:
+    """A kernel sigset_t (signal n is bit n-1) for KVM_SET_SIGNAL_MASK."""
+    return sum(1 << (int(s) - 1) for s in signals if 0 < int(s) <= 64)
+
+
+def _need_kick_handler() -> None:
+    handler = signal.getsignal(KICK_SIGNAL)
+    if callable(handler):
         return
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"cannot make a vCPU ioctl other than KVM_RUN interruptible from "
+                           f"this thread: {KICK_SIGNAL.name} is {handler!r} and Python "
+                           f"installs handlers only in the main thread; call "
+                           f"signal.signal({KICK_SIGNAL.name}, ...) there first")
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
 class HostBackend(Backend):
@@ -55,8 +65,8 @@ class HostBackend(Backend):
 
     def __init__(self, device: str | None = None) -> None:
         self.device = device or default_device()
-        if threading.current_thread() is threading.main_thread():
-            _install_kick_handler()
+        # vCPU fd -> the sigset last given to KVM_SET_SIGNAL_MASK for it.
+        self._run_masks: dict[int, int] = {}
 
     def open_kvm(self) -> int:
         try:
@@ -102,11 +112,44 @@ class HostBackend(Backend):
         return os.pwrite(fd, data, offset)
 
     def close(self, fd: int) -> None:
+        self._run_masks.pop(fd, None)
         os.close(fd)
 
+    # A kick is KICK_SIGNAL sent to the thread in KVM_RUN, which returns -EINTR with
+    # KVM_EXIT_INTR (api.rst 4.10 KVM_RUN). The thread keeps the signal blocked outside the
+    # guest and KVM_SET_SIGNAL_MASK unblocks it only while the guest runs (api.rst 4.20).
+    # Blocked signals are never ignored (sig_ignored(), kernel/signal.c; KVM saves the thread's
+    # mask in real_blocked during the run), so this works whatever the signal's disposition -
+    # SIG_DFL, SIG_IGN or a handler - and from whichever thread made the backend. The pending
+    # signal is consumed with sigtimedwait before the thread's mask is restored.
+    def run_begin(self, vcpu_fd: int, kvm_run: bool = True) -> object:
+        if not kvm_run:
+            # Other ioctls (KVM_PRE_FAULT_MEMORY) run with the thread's own mask: the signal
+            # must be unblocked and caught, by a handler installed without SA_RESTART.
+            _need_kick_handler()
+            return None
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        run_mask = _sigset_bits(set(old) - {KICK_SIGNAL})
+        if self._run_masks.get(vcpu_fd) != run_mask:
+            arg = kvm_signal_mask_x86(len=8, sigset=run_mask)
+            try:
+                self.ioctl(vcpu_fd, Ioctl.KVM_SET_SIGNAL_MASK, arg)
+            except OSError:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                raise
+            self._run_masks[vcpu_fd] = run_mask
+        return old
+
+    def run_end(self, vcpu_fd: int, token: object, kicked: bool) -> None:
+        if kicked:
+            signal.sigtimedwait({KICK_SIGNAL}, 0)
+        if token is None:
+            return
+        assert isinstance(token, set)
+        if KICK_SIGNAL not in token:
+            signal.pthread_sigmask(signal.SIG_SETMASK, token)
+
     def kick(self, vcpu_fd: int, thread_ident: int) -> None:
-        # A signal makes KVM_RUN return -EINTR (api.rst 4.10 KVM_RUN, "KVM_EXIT_INTR").
-        _install_kick_handler()
         signal.pthread_kill(thread_ident, KICK_SIGNAL)
 
     def describe(self) -> str:

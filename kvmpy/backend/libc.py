@@ -14,17 +14,31 @@ libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 libc.ioctl.restype = ctypes.c_int
+# The kernel's widths: off_t and loff_t are 64-bit signed on x86_64, size_t unsigned. ctypes
+# stores an int modulo the C type's width, so every wrapper range-checks first (_fits).
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
+                      ctypes.c_int, ctypes.c_int64]
 libc.mmap.restype = ctypes.c_void_p
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.munmap.restype = ctypes.c_int
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.madvise.restype = ctypes.c_int
-libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 libc.fallocate.restype = ctypes.c_int
 
 MAP_FAILED = ctypes.c_void_p(-1).value
+
+_C_INT = (-(1 << 31), (1 << 31) - 1)
+_OFF_T = (-(1 << 63), (1 << 63) - 1)
+_SIZE_T = (0, (1 << 64) - 1)
+
+
+def _fits(call: str, **args: tuple[int, tuple[int, int]]) -> None:
+    for name, (v, (lo, hi)) in args.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{call}: {name} must be an int, not {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise OverflowError(f"{call}: {name}={v:#x} does not fit [{lo:#x}, {hi:#x}]")
 
 
 def errno_error(what: str) -> OSError:
@@ -33,6 +47,8 @@ def errno_error(what: str) -> OSError:
 
 
 def libc_ioctl(fd: int, request: int, arg: int) -> int:
+    _fits("ioctl", fd=(fd, _C_INT), request=(request, (0, (1 << 64) - 1)),
+          arg=(arg, (0, (1 << 64) - 1)))
     ret = int(libc.ioctl(fd, request, arg))
     if ret == -1:
         raise errno_error(f"ioctl({request:#x})")
@@ -40,6 +56,8 @@ def libc_ioctl(fd: int, request: int, arg: int) -> int:
 
 
 def libc_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    _fits("mmap", addr=(addr, _SIZE_T), length=(length, _SIZE_T), prot=(prot, _C_INT),
+          flags=(flags, _C_INT), fd=(fd, _C_INT), offset=(offset, _OFF_T))
     ret = libc.mmap(addr or None, length, prot, flags, fd, offset)
     if ret is None or ret == MAP_FAILED:
         raise errno_error("mmap")
@@ -47,15 +65,19 @@ def libc_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: in
 
 
 def libc_munmap(addr: int, length: int) -> None:
+    _fits("munmap", addr=(addr, _SIZE_T), length=(length, _SIZE_T))
     if libc.munmap(addr, length) == -1:
         raise errno_error("munmap")
 
 
 def libc_madvise(addr: int, length: int, advice: int) -> None:
+    _fits("madvise", addr=(addr, _SIZE_T), length=(length, _SIZE_T), advice=(advice, _C_INT))
     if libc.madvise(addr, length, advice) == -1:
         raise errno_error("madvise")
 
 
 def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _fits("fallocate", fd=(fd, _C_INT), mode=(mode, _C_INT), offset=(offset, _OFF_T),
+          len=(length, _OFF_T))
     if libc.fallocate(fd, mode, offset, length) == -1:
         raise errno_error("fallocate")

@@ -333,7 +333,7 @@ class GuestVm:
             deadline = time.monotonic() + budget
         prev = vcpu.last_exit
         for _ in range(_RUN_RETRY_LIMIT):
-            with WATCHDOG.watch(self.backend, vcpu.fd, deadline) as w:
+            with WATCHDOG.watch(vcpu, deadline) as w:
                 ex = vcpu.run()
             if ex.reason != ExitReason.INTR:
                 return ex

@@ -1,9 +1,9 @@
 """The KVM_RUN watchdog: one daemon thread that kicks vCPUs whose run outlived its deadline.
 
-A kick is ``Backend.kick(vcpu_fd, thread_ident)``: on real KVM a signal, which makes KVM_RUN
-return -1/EINTR with KVM_EXIT_INTR (api.rst 4.10 KVM_RUN); on the emulated KVM the same exit.
-A kick that lands between two runs is lost, so a fired watch kicks again every
-``KICK_INTERVAL`` seconds until its run returns.
+A kick is :meth:`kvmpy.vcpu.Vcpu.kick`: on real KVM a signal, which makes KVM_RUN return
+-1/EINTR with KVM_EXIT_INTR (api.rst 4.10 KVM_RUN); on the emulated KVM the same exit. A fired
+watch kicks again every ``KICK_INTERVAL`` seconds until its call returns (a kick is only sent
+while a run is in progress).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..backend import Backend
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,10 @@ KICK_INTERVAL = 0.005
 class Watch:
     """One KVM_RUN under watch (a context manager around the run)."""
 
-    def __init__(self, dog: Watchdog, backend: Backend, vcpu_fd: int, deadline: float) -> None:
+    def __init__(self, dog: Watchdog, vcpu: Vcpu, deadline: float) -> None:
         self.dog = dog
-        self.backend = backend
-        self.vcpu_fd = vcpu_fd
+        self.vcpu = vcpu
         self.deadline = deadline
-        self.thread_ident = threading.get_ident()
         self.token = 0
         #: Set once the deadline passed and the watchdog started kicking.
         self.fired = False
@@ -54,9 +54,10 @@ class Watchdog:
         self._wake_at = math.inf
         self._thread: threading.Thread | None = None
 
-    def watch(self, backend: Backend, vcpu_fd: int, deadline: float) -> Watch:
-        """Watch a KVM_RUN issued by the calling thread until ``deadline`` (time.monotonic)."""
-        return Watch(self, backend, vcpu_fd, deadline)
+    def watch(self, vcpu: Vcpu, deadline: float) -> Watch:
+        """Watch the KVM_RUN (or KVM_PRE_FAULT_MEMORY) calls on ``vcpu`` inside the ``with``
+        block until ``deadline`` (time.monotonic)."""
+        return Watch(self, vcpu, deadline)
 
     def _add(self, w: Watch) -> None:
         with self._cv:
@@ -88,18 +89,27 @@ class Watchdog:
                         continue
                     w.fired = True
                     try:
-                        w.backend.kick(w.vcpu_fd, w.thread_ident)
-                        w.kicks += 1
+                        if w.vcpu.kick():
+                            w.kicks += 1
                     except BaseException as e:  # reported by the run loop
                         w.error = e
-                        log.error("watchdog cannot kick vCPU fd %d: %s", w.vcpu_fd, e)
+                        log.error("watchdog cannot kick %r: %s", w.vcpu, e)
                         continue
                     nxt = min(nxt, now + self.kick_interval)
                 self._wake_at = nxt
                 self._cv.wait(None if nxt == math.inf else max(nxt - now, 0.0))
 
 
+    def _after_fork_in_child(self) -> None:
+        # The child has no watchdog thread, and the lock may have been copied held.
+        self._cv = threading.Condition()
+        self._watches = {}
+        self._wake_at = math.inf
+        self._thread = None
+
+
 #: The process-wide watchdog every guest run uses.
 WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG._after_fork_in_child)
 
 __all__ = ["WATCHDOG", "Watch", "Watchdog"]

@@ -10,9 +10,65 @@ import ctypes
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any
 
+_INT_RANGES: dict[Any, tuple[int, int]] = {}
+for _u in (ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64):
+    _INT_RANGES[_u] = (0, (1 << (8 * ctypes.sizeof(_u))) - 1)
+for _s in (ctypes.c_int8, ctypes.c_int16, ctypes.c_int32, ctypes.c_int64):
+    _INT_RANGES[_s] = (-(1 << (8 * ctypes.sizeof(_s) - 1)), (1 << (8 * ctypes.sizeof(_s) - 1)) - 1)
+
+# Per struct class: field name -> (lo, hi, array length or 0, array type or None).
+_Limits = dict[str, tuple[int, int, int, Any]]
+_LIMITS: dict[type, _Limits] = {}
+
+
+def _limits(cls: type) -> _Limits:
+    lim: _Limits = {}
+    for f in cls._fields_:  # type: ignore[attr-defined]
+        name, t = f[0], f[1]
+        if t in _INT_RANGES:
+            lo, hi = _INT_RANGES[t]
+            lim[name] = (lo, hi, 0, None)
+        elif isinstance(t, type) and issubclass(t, ctypes.Array) and t._type_ in _INT_RANGES:
+            elem: Any = t._type_
+            lo, hi = _INT_RANGES[elem]
+            lim[name] = (lo, hi, ctypes.sizeof(t) // ctypes.sizeof(elem), t)
+    _LIMITS[cls] = lim
+    return lim
+
 
 class KvmStruct(ctypes.Structure):
-    """Base with a readable repr and byte helpers (the emulated backend decodes raw bytes)."""
+    """Base with a readable repr and byte helpers (the emulated backend decodes raw bytes).
+
+    Integer fields refuse values their uapi width cannot hold (ctypes would store them modulo
+    the width: ``memory_size=2**64`` would become 0 and delete a memslot). An integer-array
+    field also takes a sequence, element by element checked, no longer than the array.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        lim = _LIMITS.get(type(self))
+        if lim is None:
+            lim = _limits(type(self))
+        b = lim.get(name)
+        if b is not None:
+            lo, hi, n, arr = b
+            if n == 0:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"{type(self).__name__}.{name} must be an int, not "
+                                    f"{type(value).__name__} ({value!r})")
+                if not lo <= value <= hi:
+                    raise OverflowError(f"{type(self).__name__}.{name}={value:#x} does not fit "
+                                        f"its {_width(lo, hi)} field")
+            elif not isinstance(value, ctypes.Array):
+                items = list(value)
+                if len(items) > n:
+                    raise ValueError(f"{type(self).__name__}.{name} holds {n} values, got "
+                                     f"{len(items)}")
+                for i, v in enumerate(items):
+                    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                        raise OverflowError(f"{type(self).__name__}.{name}[{i}]={v!r} does not "
+                                            f"fit its {_width(lo, hi)} elements")
+                value = arr(*items)
+        super().__setattr__(name, value)
 
     def __repr__(self) -> str:
         parts = []
@@ -29,6 +85,11 @@ class KvmStruct(ctypes.Structure):
     @classmethod
     def from_bytes(cls, data: bytes) -> Any:
         return cls.from_buffer_copy(data[: ctypes.sizeof(cls)])
+
+
+def _width(lo: int, hi: int) -> str:
+    bits = (hi - lo).bit_length()
+    return f"{'s' if lo else 'u'}{bits}"
 
 
 def _fmt(v: object) -> str:
@@ -196,6 +257,20 @@ def make_cpuid2(nent: int) -> Any:
     buf = kvm_cpuid2_n()
     buf.nent = nent
     return buf
+
+
+class kvm_signal_mask(KvmStruct):
+    """Header only (``__u8 sigset[0]`` follows); see kvm_signal_mask_x86."""
+
+    _fields_ = [("len", c_uint32)]
+
+
+class kvm_signal_mask_x86(KvmStruct):
+    """kvm_signal_mask with the kernel's 8-byte sigset_t (KVM_SET_SIGNAL_MASK checks
+    len == sizeof(sigset_t): kvm_vcpu_ioctl, virt/kvm/kvm_main.c)."""
+
+    _pack_ = 4
+    _fields_ = [("len", c_uint32), ("sigset", c_uint64)]
 
 
 class kvm_mp_state(KvmStruct):
