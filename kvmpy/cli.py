@@ -1,12 +1,34 @@
-"""The ``kvmpy`` command line."""
+"""The ``kvmpy`` command line.
+
+Bad input (an option, a KVMPY_* variable, a device that is not KVM, an unwritable report path)
+gets one line on stderr naming what is wrong and the valid choices, and exit 2, before anything
+runs: never a traceback (docs/design.md, "Failure behaviour").
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import NoReturn
 
-from .errors import KvmUnavailable
+from .errors import KvmError, KvmUnavailable
+
+EXIT_USAGE = 2
+
+
+def _fail(prog: str, message: str) -> NoReturn:
+    # One line whatever the message: a multi-line one would break "one line on stderr".
+    print(f"{prog}: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the usage and then the error; one line naming the problem (argparse's
+    messages list the valid choices) and where to find the rest is easier to read in a log."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(self.prog, f"{message} (see {self.prog} --help)")
 
 
 def _backend(name: str):  # type: ignore[no-untyped-def]
@@ -20,9 +42,9 @@ def cmd_caps(args: argparse.Namespace) -> int:
 
     try:
         report = probe(_backend(args.backend))
-    except KvmUnavailable as e:
-        print(f"kvmpy caps: {e}", file=sys.stderr)
-        return 2
+    except (KvmUnavailable, KvmError, OSError, ValueError, NotImplementedError) as e:
+        # KvmError: a device that opens but answers like no KVM (ENOTTY from /dev/null).
+        _fail("kvmpy caps", str(e))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -38,9 +60,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Everything the command will read, validated before it starts (one line, exit 2)."""
+    from .backend.select import ConfigError, check_environment
+
+    try:
+        check_environment()
+        if args.cmd == "run":
+            from .run import check_args
+
+            check_args(args)
+    except ConfigError as e:
+        _fail(f"kvmpy {args.cmd}", str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvmpy", description="KVM guest_memfd / private memory "
-                                "test harness")
+    p = _Parser(prog="kvmpy", description="KVM guest_memfd / private memory test harness")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("caps", help="show the capabilities KVM offers and what they enable")
     c.add_argument("--json", action="store_true", help="print a JSON object")
@@ -62,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         args.pytest_args = extra
     elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+    _check(args)
     rc: int = args.func(args)
     return rc
 

@@ -80,6 +80,59 @@ def pytest_args(args: argparse.Namespace) -> list[str]:
     return out + extra
 
 
+# -- checking the command line before anything runs ------------------------------------------
+
+def check_output_path(path: str, option: str) -> None:
+    """ConfigError unless ``path`` can be written; leaves the filesystem as it found it.
+
+    A report that cannot be written used to fail only after the whole run (exit 1 with every
+    test passed); trying it first costs nothing.
+    """
+    from .backend.select import ConfigError
+
+    p = Path(path)
+    valid = "valid: a file path whose directory can be created and written"
+    if p.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; {valid}")
+    created: list[Path] = []
+    try:
+        missing = [d for d in [p.parent, *p.parent.parents] if not d.exists()]
+        for d in reversed(missing):  # pytest and the KTAP writer create missing directories
+            d.mkdir()
+            created.append(d)
+        existed = p.exists()
+        with open(p, "ab"):  # append: an existing report is not clobbered before the run
+            pass
+        if not existed:
+            p.unlink()
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write: {e.strerror}; {valid}") from None
+    finally:
+        for d in reversed(created):
+            d.rmdir()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ConfigError (one line) for a bad option of ``kvmpy run``, before the header or pytest."""
+    import math
+
+    from .backend.select import EMU_PROFILES, ConfigError, choice
+
+    if not math.isfinite(args.timeout) or args.timeout < 0:
+        raise ConfigError(f"--timeout: invalid value {args.timeout:g}; valid: seconds >= 0 "
+                          "(0 = none)")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"-n/--numprocesses: invalid value {args.workers}; valid: a worker "
+                          "count >= 0 (0 = no workers)")
+    # --emu-profile goes through to pytest, but the header probes the emulator with it first.
+    profile = _option_value(args.pytest_args, "--emu-profile")
+    if profile is not None:
+        choice(profile, EMU_PROFILES, "--emu-profile")
+    for path, option in ((args.junit, "--junit"), (args.ktap, "--ktap")):
+        if path is not None:
+            check_output_path(path, option)
+
+
 # -- header ------------------------------------------------------------------------------------
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -110,7 +163,7 @@ def header_lines(backends: list[str], choice: str, emu_profile: str | None = Non
     for name in backends:
         try:
             rep = probe(make_backend(name, emu_profile) if name == "emu" else make_backend(name))
-        except (KvmUnavailable, NotImplementedError, KvmError, OSError) as e:
+        except (KvmUnavailable, NotImplementedError, KvmError, OSError, ValueError) as e:
             lines.append(f"[{name}]     unavailable: {e}")
             continue
         flags = "|".join(_flag_names(rep.guest_memfd_flags)) or "none"

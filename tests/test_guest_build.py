@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy import Kvm
+from kvmpy.guest import GuestVm
 from kvmpy.guest.build import GuestBuildError, build, guests_dir
 from kvmpy.guest.elf import GuestImage
 
@@ -111,3 +113,23 @@ def test_program_outside_guests_dir(cache: Path, tmp_path: Path) -> None:
     src.write_text('#include "kvmpy_guest.h"\nu64 guest_mine(u64 x) { return x * 3; }\n')
     img = GuestImage(build(src))
     assert "guest_mine" in img.symbols and "guest_idt_stubs" in img.symbols
+
+
+@pytest.mark.parametrize("program", ["/etc/hostname", "no_such_prog", "guests/smoke",
+                                     "missing/dir/prog.c"])
+def test_not_a_guest_program_lists_the_available_ones(cache: Path, program: str) -> None:
+    """A path that is not a .c file, or a name with no guests/<name>.c, is refused up front:
+    /etc/hostname used to reach the compiler and fail with a FileNotFoundError about a cache
+    file."""
+    with pytest.raises(GuestBuildError) as ei:
+        build(program)
+    msg = str(ei.value)
+    assert msg.startswith(f"no guest program named {program!r}: "), msg
+    assert "; available: " in msg and "smoke" in msg.split("; available: ")[1], msg
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_guestvm_names_the_available_programs(kvm: Kvm) -> None:
+    with pytest.raises(GuestBuildError, match=r"no guest program named '/etc/hostname': it is "
+                                              r"not a \.c file; available: .*smoke"):
+        GuestVm(kvm, "/etc/hostname")

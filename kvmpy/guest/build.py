@@ -75,16 +75,27 @@ def _compiler_version(cc: str) -> str:
     return _version_cache[cc]
 
 
+def available_programs() -> list[str]:
+    """The names of guests/*.c, for messages and ``python -m kvmpy.guest``."""
+    return sorted(p.stem for p in guests_dir().glob("*.c"))
+
+
 def resolve_source(program: str | os.PathLike[str]) -> Path:
-    """``"smoke"`` -> guests/smoke.c; a path is taken as is."""
+    """``"smoke"`` -> guests/smoke.c; a path ending in .c is taken as is. Anything else (an
+    unknown name, a path that is not a .c file) raises GuestBuildError naming the programs
+    there are: handed to the compiler, /etc/hostname failed later about a cache file."""
     p = Path(program)
-    if p.suffix == ".c" or p.is_absolute() or len(p.parts) > 1:
-        src = p
+    is_path = p.suffix == ".c" or p.is_absolute() or len(p.parts) > 1
+    src = p if is_path else guests_dir() / f"{program}.c"
+    if is_path and p.suffix != ".c":
+        problem = "it is not a .c file"
+    elif not src.is_file():
+        problem = f"{src} is not a file" if src.exists() else f"{src} does not exist"
     else:
-        src = guests_dir() / f"{program}.c"
-    if not src.is_file():
-        raise GuestBuildError(f"guest program source {src} does not exist")
-    return src.resolve()
+        return src.resolve()
+    raise GuestBuildError(f"no guest program named {str(program)!r}: {problem}; available: "
+                          f"{', '.join(available_programs()) or 'none'} (in {guests_dir()}), "
+                          "or the path of a .c file")
 
 
 def library_sources(root: Path | None = None) -> list[Path]:
@@ -148,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m kvmpy.guest [program...]``: build the named (default: all) guests."""
     import sys
 
-    names = (argv if argv is not None else sys.argv[1:]) or \
-        sorted(p.stem for p in guests_dir().glob("*.c"))
+    names = (argv if argv is not None else sys.argv[1:]) or available_programs()
     for n in names:
         print(build(n))
     return 0

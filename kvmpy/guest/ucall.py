@@ -73,10 +73,13 @@ def decode_ucall(raw: bytes, vcpu_id: int = 0) -> Ucall:
     if len(raw) < UCALL_SIZE:
         raise ValueError(f"ucall struct needs {UCALL_SIZE} bytes, got {len(raw)}")
     cmd, nargs = struct.unpack_from("<QQ", raw, OFF_CMD)
-    if nargs > UCALL_MAX_ARGS:
-        raise ValueError(f"ucall nargs {nargs} > {UCALL_MAX_ARGS}: not a struct ucall")
-    args = struct.unpack_from(f"<{nargs}Q", raw, OFF_ARGS)
     (line,) = struct.unpack_from("<Q", raw, OFF_LINE)
+    if nargs > UCALL_MAX_ARGS:
+        # file/line are at fixed offsets: if the guest filled them they say who sent it.
+        raise MalformedUcall(f"ucall nargs {nargs} > {UCALL_MAX_ARGS} (UCALL_MAX_ARGS): not "
+                             "a struct ucall", _cstr(raw[OFF_FILE:OFF_FILE + LEN_FILE]),
+                             int(line))
+    args = struct.unpack_from(f"<{nargs}Q", raw, OFF_ARGS)
     try:
         c: UcallCmd | int = UcallCmd(cmd)
     except ValueError:
@@ -103,6 +106,22 @@ def encode_ucall(uc: Ucall) -> bytes:
 # --- errors ----------------------------------------------------------------------------
 class GuestError(Exception):
     """Base of the errors the run loop raises about a guest."""
+
+
+class MalformedUcall(GuestError, ValueError):
+    """A ucall exit whose struct ucall cannot be decoded (e.g. nargs > UCALL_MAX_ARGS). The
+    run loop's message names the vCPU, its RIP and the guest file:line when the struct has one.
+    A ValueError too, as decode_ucall raised before."""
+
+    def __init__(self, msg: str, file: str = "", line: int = 0) -> None:
+        self.file = file
+        self.line = line
+        super().__init__(msg)
+
+    @property
+    def source(self) -> str:
+        """'guests/x.c:12', or '' when the guest left file/line empty."""
+        return f"{self.file}:{self.line}" if self.file else ""
 
 
 class GuestAssertionError(GuestError, AssertionError):
@@ -174,6 +193,7 @@ __all__ = [
     "GuestError",
     "GuestException",
     "GuestTimeout",
+    "MalformedUcall",
     "Ucall",
     "UcallCmd",
     "UnexpectedExit",

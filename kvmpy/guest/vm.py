@@ -386,7 +386,15 @@ class GuestVm:
         except ValueError as e:
             raise UnexpectedExit(vcpu.last_exit or Exit(ExitReason.IO),
                                  f"{self.where(vcpu)}: ucall with RDI {gpa:#x}: {e}") from None
-        uc = decode_ucall(raw, vcpu.id)
+        # Imported here to keep this change local to get_ucall (vm.py has several editors).
+        from .ucall import MalformedUcall
+
+        try:
+            uc = decode_ucall(raw, vcpu.id)
+        except MalformedUcall as e:
+            src = f" (sent from {e.source})" if e.source else ""
+            raise MalformedUcall(f"{self.where(vcpu)}{src}: {e} (RDI {gpa:#x})", e.file,
+                                 e.line) from None
         self._complete_io(vcpu)
         return uc
 

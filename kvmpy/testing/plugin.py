@@ -16,12 +16,20 @@ from collections.abc import Iterator
 import pytest
 
 from ..backend import Backend, default_device
-from ..backend.select import kvm_available, make_backend
+from ..backend.select import (
+    BACKEND_CHOICES,
+    EMU_PROFILES,
+    ConfigError,
+    check_environment,
+    env_bool,
+    kvm_available,
+    make_backend,
+)
 from ..errors import KvmUnavailable
 from ..system import Kvm
 from .known_issues import known_issue
 
-BACKENDS = ("auto", "kvm", "emu", "both")
+BACKENDS = BACKEND_CHOICES
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,14 +37,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--backend", choices=BACKENDS, default=os.environ.get("KVMPY_BACKEND", "auto"),
                 help="KVM backend: auto (real if /dev/kvm opens, else emulated), kvm, emu, or "
                      "both (each test on each). Env: KVMPY_BACKEND")
-    g.addoption("--emu-profile", choices=("upstream", "6.12", "host"),
+    g.addoption("--emu-profile", choices=EMU_PROFILES,
                 default=os.environ.get("KVMPY_EMU_PROFILE", "upstream"),
                 help="kernel profile of the emulated KVM: upstream (6.18+), 6.12, or host "
                      "(mirrors this machine's /dev/kvm, probed). Env: KVMPY_EMU_PROFILE")
     g.addoption("--require-kvm", action="store_true",
-                default=os.environ.get("KVMPY_REQUIRE_KVM", "") not in ("", "0"),
+                default=_require_kvm_default(),
                 help="fail (not skip) when real KVM is wanted but /dev/kvm cannot be opened. "
                      "Env: KVMPY_REQUIRE_KVM=1")
+
+
+def _require_kvm_default() -> bool:
+    try:
+        return env_bool("KVMPY_REQUIRE_KVM")
+    except ConfigError:
+        return False  # pytest_configure reports it as a usage error
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Option defaults come from the environment, which pytest's choices= never checks.
+    try:
+        check_environment()
+    except ConfigError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
