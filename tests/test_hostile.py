@@ -19,34 +19,19 @@ import pytest
 
 from kvmpy import GuestMemfd, Kvm, KvmError
 from kvmpy.backend import Backend
-from kvmpy.backend.select import kvm_available, make_backend
 from kvmpy.errors import ClosedError
 from kvmpy.guest import GuestVm
 from kvmpy.testing.child import run_in_child
+from tests.conftest import backend_or_skip
 from kvmpy.uapi import Cap, GuestMemfdFlag, kvm_pre_fault_memory
 
 P = 4096
 BACKENDS = ["kvm", "emu"]
 
 
-def _backend(name: str) -> Backend:
-    if name == "kvm":
-        ok, why = kvm_available()
-        if not ok:
-            pytest.skip(f"real KVM unavailable: {why}")
-    return make_backend(name)
-
-
-@pytest.fixture(params=BACKENDS)
-def hbackend(request: pytest.FixtureRequest) -> Backend:
-    """Each backend (tests/ otherwise runs on one). Tests that fork make their Kvm in the
-    child: KVM refuses VM and vCPU ioctls from another mm (kvm_vm_ioctl: -EIO)."""
-    return _backend(request.param)
-
-
 @pytest.fixture
-def hkvm(hbackend: Backend) -> Iterator[Kvm]:
-    with Kvm(hbackend) as k:
+def hkvm(each_backend: Backend) -> Iterator[Kvm]:
+    with Kvm(each_backend) as k:
         yield k
 
 
@@ -81,10 +66,10 @@ CLOSED_CALLS: list[tuple[str, str, Callable[[Any], object]]] = [
 
 @pytest.mark.parametrize("close,call", [(c, f) for c, _, f in CLOSED_CALLS],
                          ids=[f"{c}-{n}" for c, n, _ in CLOSED_CALLS])
-def test_call_after_close_raises_closed_error(hbackend: Backend, close: str,
+def test_call_after_close_raises_closed_error(each_backend: Backend, close: str,
                                               call: Callable[[Any], object]) -> None:
     def child() -> None:
-        k = Kvm(hbackend)
+        k = Kvm(each_backend)
         vm = k.create_vm()
         objs = {"kvm": k, "vm": vm, "vcpu": vm.create_vcpu()}
         objs[close].close()
@@ -96,18 +81,18 @@ def test_call_after_close_raises_closed_error(hbackend: Backend, close: str,
     assert out.ok, out.describe()
 
 
-def test_gmem_views_after_close_raise_or_read_zero(hbackend: Backend) -> None:
+def test_gmem_views_after_close_raise_or_read_zero(each_backend: Backend) -> None:
     """A view of a guest_memfd mapping is released by close (ValueError on use); a slice of it
     still alive reads the zero pages that replaced the mapping (before: SIGSEGV)."""
     want = GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
-    with Kvm(hbackend) as k, k.create_vm() as vm:
+    with Kvm(each_backend) as k, k.create_vm() as vm:
         have = vm.check_extension(Cap.GUEST_MEMFD_FLAGS)
     if have & want != want:
-        pytest.skip(f"KVM_CAP_GUEST_MEMFD_FLAGS={have:#x} on {hbackend.describe()}: host "
+        pytest.skip(f"KVM_CAP_GUEST_MEMFD_FLAGS={have:#x} on {each_backend.describe()}: host "
                     "access to a guest_memfd needs MMAP|INIT_SHARED")
 
     def child() -> None:
-        k = Kvm(hbackend)
+        k = Kvm(each_backend)
         g = k.create_vm().create_guest_memfd(4 * P, want)
         m = g.mmap()
         m.view()[0] = 0xAB
@@ -127,12 +112,12 @@ def test_gmem_views_after_close_raise_or_read_zero(hbackend: Backend) -> None:
 # --- 2. closing while another thread is in KVM_RUN ------------------------------------------
 @pytest.mark.guest
 @pytest.mark.parametrize("what", ["vcpu", "vm", "guestvm"])
-def test_close_while_running_stops_the_run(hbackend: Backend, what: str) -> None:
+def test_close_while_running_stops_the_run(each_backend: Backend, what: str) -> None:
     """The teardown of a failed test: the guest spins, join times out, close() kicks the run,
     waits for it and unmaps; the vCPU thread ends with ClosedError (before: SIGSEGV)."""
 
     def child() -> str:
-        g = GuestVm(Kvm(hbackend), "smoke", timeout=30)
+        g = GuestVm(Kvm(each_backend), "smoke", timeout=30)
         v = g.vcpu("guest_spin")
         t = g.start(v)
         with pytest.raises(TimeoutError):
@@ -233,7 +218,7 @@ def go():
 def test_watchdog_stops_a_spinning_guest(which: str, setup: str, call: str) -> None:
     """The watchdog must stop a 1 s guest whatever SIGUSR1's disposition and whichever thread
     made the backend (before, on real KVM: a silent hang)."""
-    _backend(which)
+    backend_or_skip(which)
     script = _SPIN_SCRIPT.format(setup=setup, call=call, backend=which)
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
                        text=True, timeout=60)
@@ -243,14 +228,14 @@ def test_watchdog_stops_a_spinning_guest(which: str, setup: str, call: str) -> N
 
 
 @pytest.mark.guest
-def test_signal_handler_exception_propagates_from_run(hbackend: Backend) -> None:
+def test_signal_handler_exception_propagates_from_run(each_backend: Backend) -> None:
     """A handler that raises during KVM_RUN: the exception leaves run() (before: swallowed
     into Exit(INTR) on real KVM, Exit(UNKNOWN) on the emulator)."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can be installed only in the main thread")
 
     def child() -> None:
-        g = GuestVm(Kvm(hbackend), "smoke", timeout=20)
+        g = GuestVm(Kvm(each_backend), "smoke", timeout=20)
         v = g.vcpu("guest_spin")
 
         def boom(signum: int, frame: object) -> None:
