@@ -22,8 +22,8 @@ from kvmpy.backend import Backend
 from kvmpy.errors import ClosedError
 from kvmpy.guest import GuestVm
 from kvmpy.testing.child import run_in_child
-from tests.conftest import backend_or_skip
 from kvmpy.uapi import Cap, GuestMemfdFlag, kvm_pre_fault_memory
+from tests.conftest import backend_or_skip
 
 P = 4096
 BACKENDS = ["kvm", "emu"]
