@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from .backend import Backend, IoctlArg
-from .errors import KvmError
+from .errors import Errno, KvmError
 from .uapi.ioctls import Ioctl
 from .uapi.structs import KvmStruct
 
@@ -60,14 +60,18 @@ def checked_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = Non
         raise KvmError(_syscall_errno(e), request.name, detail or _describe(arg)) from None
 
 
-def errno_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = None) -> tuple[int, int]:
-    """Issue ``request``; return (errno, result) with errno 0 on success."""
+def errno_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = None,
+                detail: str = "") -> tuple[Errno, int]:
+    """Issue ``request``; return (errno, result) with errno 0 on success. The errno is an
+    :class:`Errno` naming the call, for one-line negative tests (expect_errno)."""
     if isinstance(arg, int):
         int_arg(request, "arg", arg)
     try:
-        return 0, backend.ioctl(fd, request, arg)
+        ret = backend.ioctl(fd, request, arg)
+        err = 0
     except OSError as e:
-        return _syscall_errno(e), -1
+        ret, err = -1, _syscall_errno(e)
+    return Errno(err, request.name, detail or (lambda: _describe(arg))), ret
 
 
 def _describe(arg: IoctlArg) -> str:
@@ -75,4 +79,5 @@ def _describe(arg: IoctlArg) -> str:
         return ""
     if isinstance(arg, int):
         return f"arg={arg:#x}"
-    return repr(arg)
+    r = repr(arg)
+    return r[r.index("(") + 1:-1] if "(" in r and r.endswith(")") else r

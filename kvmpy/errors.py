@@ -25,6 +25,32 @@ class KvmError(OSError):
         return str(self.strerror)
 
 
+class Errno(int):
+    """What a ``try_*`` call returns: the errno (0 on success), an int that compares equal to
+    ``errno.EINVAL`` and friends, carrying the call and its arguments for messages."""
+
+    call: str
+    _detail: object
+
+    def __new__(cls, err: int, call: str = "", detail: object = "") -> Errno:
+        self = super().__new__(cls, err)
+        self.call = call
+        self._detail = detail  # a str, or a callable made into one only for a message
+        return self
+
+    @property
+    def detail(self) -> str:
+        d = self._detail
+        return d() if callable(d) else str(d)
+
+    @property
+    def name(self) -> str:
+        return _errno.errorcode.get(int(self), str(int(self))) if self else "0 (success)"
+
+    def __repr__(self) -> str:
+        return f"{self.call}({self.detail}) -> {self.name}"
+
+
 class ClosedError(KvmError):
     """A call on a closed (or closing) Kvm, Vm, Vcpu, GuestMemfd or mapping.
 

@@ -13,7 +13,7 @@ from typing import Any
 from ._call import int_arg
 from ._object import FdObject
 from .backend import MAP_SHARED, PROT_READ, PROT_WRITE, Backend
-from .errors import KvmError
+from .errors import Errno, KvmError
 from .memory import Mapping
 from .uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GuestMemfdFlag
 
@@ -42,19 +42,21 @@ class GuestMemfd(FdObject):
                            f"guest_memfd fd {self.fd}, mode {mode:#x}, offset {offset:#x}, "
                            f"len {length:#x}")
 
-    def try_fallocate(self, offset: int, length: int, mode: int = FALLOC_FL_KEEP_SIZE) -> int:
+    def try_fallocate(self, offset: int, length: int, mode: int = FALLOC_FL_KEEP_SIZE) -> Errno:
         # fallocate(2) takes loff_t offset and len (fs/open.c ksys_fallocate).
         int_arg("fallocate", "offset", offset, *_S64)
         int_arg("fallocate", "len", length, *_S64)
         int_arg("fallocate", "mode", mode, -(1 << 31), (1 << 31) - 1)
         with self._use("fallocate") as fd:
-            return _errno_of(lambda: self.backend.fallocate(fd, mode, offset, length))
+            return _errno_of(lambda: self.backend.fallocate(fd, mode, offset, length),
+                             "fallocate", f"guest_memfd fd {fd}, mode={mode:#x}, "
+                             f"offset={offset:#x}, len={length:#x}")
 
     def punch_hole(self, offset: int, length: int) -> None:
         """fallocate(KEEP_SIZE|PUNCH_HOLE): frees the range; it reads back as zeroes."""
         self.fallocate(offset, length, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)
 
-    def try_punch_hole(self, offset: int, length: int) -> int:
+    def try_punch_hole(self, offset: int, length: int) -> Errno:
         return self.try_fallocate(offset, length, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)
 
     # --- file operations ----------------------------------------------------------------
@@ -62,21 +64,24 @@ class GuestMemfd(FdObject):
         with self._use("fstat") as fd:
             return self.backend.fstat(fd)
 
-    def try_read(self, count: int = 8) -> int:
+    def try_read(self, count: int = 8) -> Errno:
         with self._use("read") as fd:
-            return _errno_of(lambda: self.backend.read(fd, count))
+            return _errno_of(lambda: self.backend.read(fd, count), "read", f"fd {fd}, {count}")
 
-    def try_write(self, data: bytes = b"\0" * 8) -> int:
+    def try_write(self, data: bytes = b"\0" * 8) -> Errno:
         with self._use("write") as fd:
-            return _errno_of(lambda: self.backend.write(fd, data))
+            return _errno_of(lambda: self.backend.write(fd, data), "write",
+                             f"fd {fd}, {len(data)} bytes")
 
-    def try_pread(self, count: int = 8, offset: int = 0) -> int:
+    def try_pread(self, count: int = 8, offset: int = 0) -> Errno:
         with self._use("pread") as fd:
-            return _errno_of(lambda: self.backend.pread(fd, count, offset))
+            return _errno_of(lambda: self.backend.pread(fd, count, offset), "pread",
+                             f"fd {fd}, {count}, offset={offset:#x}")
 
-    def try_pwrite(self, data: bytes = b"\0" * 8, offset: int = 0) -> int:
+    def try_pwrite(self, data: bytes = b"\0" * 8, offset: int = 0) -> Errno:
         with self._use("pwrite") as fd:
-            return _errno_of(lambda: self.backend.pwrite(fd, data, offset))
+            return _errno_of(lambda: self.backend.pwrite(fd, data, offset), "pwrite",
+                             f"fd {fd}, {len(data)} bytes, offset={offset:#x}")
 
     # --- mmap -----------------------------------------------------------------------------
     def mmap(self, length: int | None = None, offset: int = 0,
@@ -96,18 +101,20 @@ class GuestMemfd(FdObject):
         return m
 
     def try_mmap(self, length: int | None = None, offset: int = 0,
-                 prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED) -> int:
+                 prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED) -> Errno:
         """mmap returning the errno (0 on success; the mapping is removed at once)."""
         length = self.size if length is None else length
         with self._use("mmap") as fd:
+            what = f"guest_memfd fd {fd}, len={length:#x}, prot={prot:#x}, flags={flags:#x}, " \
+                   f"offset={offset:#x}"
             try:
                 addr = self.backend.mmap(fd, length, prot, flags, offset)
             except OSError as e:
                 if e.errno is None:
                     raise
-                return e.errno
+                return Errno(e.errno, "mmap", what)
         self.backend.munmap(addr, length)
-        return 0
+        return Errno(0, "mmap", what)
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -135,11 +142,11 @@ def _gmem_flags_name(flags: int) -> str:
     return hex(flags)
 
 
-def _errno_of(fn: Any) -> int:
+def _errno_of(fn: Any, call: str, detail: str) -> Errno:
     try:
         fn()
-        return 0
+        return Errno(0, call, detail)
     except OSError as e:
         if e.errno is None:  # raised by a signal handler, not the kernel
             raise
-        return e.errno
+        return Errno(e.errno, call, detail)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ._call import checked_ioctl, errno_ioctl, int_arg
 from ._object import FdObject
 from .backend import Backend
-from .errors import KvmError, KvmUnavailable
+from .errors import Errno, KvmError, KvmUnavailable
 from .uapi import Cap, Ioctl, VmType, kvm_cpuid_entry2, make_cpuid2
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class Kvm(FdObject):
         self._vms.append(vm)
         return vm
 
-    def try_create_vm(self, vm_type: int) -> int:
+    def try_create_vm(self, vm_type: int) -> Errno:
         """KVM_CREATE_VM returning the errno (0 on success; the VM is closed at once)."""
         vm_type = int_arg(Ioctl.KVM_CREATE_VM, "type", vm_type)
         with self._use("KVM_CREATE_VM") as kfd:

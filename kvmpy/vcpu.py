@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ._call import checked_ioctl, errno_ioctl, pack
 from ._object import FdObject
 from .backend import MAP_SHARED, PROT_READ, PROT_WRITE, IoctlArg
-from .errors import ClosedError, KvmError
+from .errors import ClosedError, Errno, KvmError
 from .memory import Mapping
 from .uapi import (
     ExitReason,
@@ -169,12 +169,13 @@ class Vcpu(FdObject):
         self.last_exit = ex
         return ex
 
-    def try_run(self) -> int:
+    def try_run(self) -> Errno:
         """KVM_RUN returning the errno (0 on success)."""
         with self._use("KVM_RUN") as fd:
             return self._run_once(fd)
 
-    def _run_once(self, fd: int, request: Ioctl = Ioctl.KVM_RUN, arg: IoctlArg = None) -> int:
+    def _run_once(self, fd: int, request: Ioctl = Ioctl.KVM_RUN,
+                  arg: IoctlArg = None) -> Errno:
         """One KVM_RUN (or KVM_PRE_FAULT_MEMORY), kickable by another thread while it is in
         progress (see kick)."""
         token = self.backend.run_begin(fd, request == Ioctl.KVM_RUN)
@@ -272,7 +273,7 @@ class Vcpu(FdObject):
         with self._use(request.name) as fd:
             return checked_ioctl(self.backend, fd, request, arg, detail)
 
-    def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> int:
+    def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> Errno:
         with self._use(request.name) as fd:
             return errno_ioctl(self.backend, fd, request, arg)[0]
 
@@ -330,7 +331,7 @@ class Vcpu(FdObject):
             if r.size == 0:
                 return r
 
-    def try_pre_fault_memory(self, r: kvm_pre_fault_memory) -> int:
+    def try_pre_fault_memory(self, r: kvm_pre_fault_memory) -> Errno:
         """One KVM_PRE_FAULT_MEMORY call on ``r`` (updated in place); returns the errno."""
         with self._use("KVM_PRE_FAULT_MEMORY") as fd:
             return self._run_once(fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ._call import checked_ioctl, errno_ioctl, int_arg, pack
 from ._object import FdObject
 from .backend import IoctlArg
+from .errors import Errno
 from .gmem import GuestMemfd
 from .system import _cap_name, _vm_type_name
 from .uapi import (
@@ -78,7 +79,7 @@ class Vm(FdObject):
         with self._use(request.name) as fd:
             return checked_ioctl(self.backend, fd, request, arg, detail)
 
-    def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> tuple[int, int]:
+    def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> tuple[Errno, int]:
         with self._use(request.name) as fd:
             return errno_ioctl(self.backend, fd, request, arg)
 
@@ -92,7 +93,7 @@ class Vm(FdObject):
         """KVM_ENABLE_CAP on the VM fd."""
         self._ioctl(Ioctl.KVM_ENABLE_CAP, self._enable_cap_struct(cap, args, flags))
 
-    def try_enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+    def try_enable_cap(self, cap: int, *args: int, flags: int = 0) -> Errno:
         return self._try_ioctl(Ioctl.KVM_ENABLE_CAP, self._enable_cap_struct(cap, args, flags))[0]
 
     @staticmethod
@@ -108,7 +109,7 @@ class Vm(FdObject):
         self._record(Memslot(r.slot, r.flags, gpa, size, hva))
 
     def try_set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
-                                   hva: int) -> int:
+                                   hva: int) -> Errno:
         r = self._region(slot, flags, gpa, size, hva)
         err = self._try_ioctl(Ioctl.KVM_SET_USER_MEMORY_REGION, r)[0]
         if not err:
@@ -126,7 +127,7 @@ class Vm(FdObject):
 
     def try_set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
                                     guest_memfd: GuestMemfd | int | None = None,
-                                    guest_memfd_offset: int = 0) -> int:
+                                    guest_memfd_offset: int = 0) -> Errno:
         r = self._region2(slot, flags, gpa, size, hva, guest_memfd, guest_memfd_offset)
         err = self._try_ioctl(Ioctl.KVM_SET_USER_MEMORY_REGION2, r)[0]
         if not err:
@@ -176,7 +177,7 @@ class Vm(FdObject):
         self._gmems.append(g)
         return g
 
-    def try_create_guest_memfd(self, size: int, flags: int = 0) -> int:
+    def try_create_guest_memfd(self, size: int, flags: int = 0) -> Errno:
         """KVM_CREATE_GUEST_MEMFD returning the errno; on success the fd is closed at once."""
         arg = pack(Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd, size=size,
                    flags=int(flags))
@@ -198,7 +199,7 @@ class Vm(FdObject):
 
     def try_set_memory_attributes(self, gpa: int, size: int,
                                   attributes: int = MemoryAttribute.PRIVATE,
-                                  flags: int = 0) -> int:
+                                  flags: int = 0) -> Errno:
         return self._try_ioctl(Ioctl.KVM_SET_MEMORY_ATTRIBUTES,
                                self._attrs(gpa, size, attributes, flags))[0]
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvmpy.gmem import GuestMemfd
 from kvmpy.memory import SharedMemory, anonymous
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import (
     Behaviour,
     errname,
+    expect_errno,
     expected_errnos,
     memslot_accepts_guest_memfd,
     valid_memslot_flags,
@@ -60,14 +60,6 @@ def bind_vm(gmem_vm: Vm) -> Vm:
         pytest.skip(f"KVM_CAP_GUEST_MEMFD={val:#x} (KVM_MEM_GUEST_MEMFD memslots) on "
                     f"{where(gmem_vm)}")
     return gmem_vm
-
-
-def _region2(vm: Vm, slot: int, flags: int, gpa: int, size: int, hva: int,
-             gmem: GuestMemfd | int | None = None, off: int = 0) -> str:
-    """The call as text, for assert messages."""
-    g = gmem.fd if isinstance(gmem, GuestMemfd) else gmem
-    return (f"KVM_SET_USER_MEMORY_REGION2(slot={slot}, flags={flags:#x}, gpa={gpa:#x}, "
-            f"size={size:#x}, hva={hva:#x}, guest_memfd={g}, offset={off:#x})")
 
 
 # --- flags -----------------------------------------------------------------------------------
@@ -115,18 +107,16 @@ def test_guest_memfd_flag_combinations(bind_vm: Vm, host_mem: SharedMemory, flag
     (set_memory_region_test::test_invalid_memory_region_flags; check_memory_region_flags():
     no dirty logging of private memory, read-only slots have MMIO semantics)."""
     g = bind_vm.create_guest_memfd(M2)
-    err = bind_vm.try_set_user_memory_region2(10, flags, GPA_A, M2, host_mem.addr, g, 0)
-    assert err == want, (f"{_region2(bind_vm, 10, flags, GPA_A, M2, host_mem.addr, g)} -> "
-                         f"{errname(err)}, expected {errname(want)}")
+    expect_errno(bind_vm.try_set_user_memory_region2(10, flags, GPA_A, M2, host_mem.addr, g, 0),
+                 want)
 
 
 def test_v1_refuses_guest_memfd(bind_vm: Vm, host_mem: SharedMemory) -> None:
     """KVM_SET_USER_MEMORY_REGION (v1) cannot carry a guest_memfd: KVM_MEM_GUEST_MEMFD is EINVAL
     there even on a VM whose REGION2 accepts it (api.rst 4.140; kvm_main.c
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS)."""
-    err = bind_vm.try_set_user_memory_region(10, GMEM, GPA_A, M2, host_mem.addr)
-    assert err == errno.EINVAL, (f"KVM_SET_USER_MEMORY_REGION(slot=10, flags={GMEM:#x}) -> "
-                                 f"{errname(err)}, expected EINVAL")
+    expect_errno(bind_vm.try_set_user_memory_region(10, GMEM, GPA_A, M2, host_mem.addr),
+                 errno.EINVAL)
 
 
 # --- which fd may be bound ---------------------------------------------------------------------
@@ -160,14 +150,11 @@ def test_bind_bad_fd(kvm: Kvm, bind_vm: Vm, make_vm: Callable[[], Vm], host_mem:
         os.close(fd)
         want = errno.EBADF
     try:
-        err = bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr, fd, 0)
-        assert err == want, (f"{_region2(bind_vm, 10, GMEM, GPA_A, M2, host_mem.addr, fd)} with "
-                             f"{what} -> {errname(err)}, expected {errname(want)}")
+        expect_errno(bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr,
+                                                         fd, 0), want, what)
         if other is not None:
-            err = other.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr, fd, 0)
-            assert err == 0, (f"the owning VM binding its own guest_memfd: "
-                              f"{_region2(other, 10, GMEM, GPA_A, M2, host_mem.addr, fd)} -> "
-                              f"{errname(err)}")
+            expect_errno(other.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr,
+                                                           fd, 0), 0, "the owning VM")
     finally:
         for c in closers:
             c()
@@ -184,8 +171,7 @@ def test_offset_alignment(bind_vm: Vm, host_mem: SharedMemory) -> None:
                                                             g, off)) != errno.EINVAL]
     assert not wrong, ("KVM_SET_USER_MEMORY_REGION2(GUEST_MEMFD) expected EINVAL for unaligned "
                        "offsets: " + "; ".join(wrong[:20]))
-    err = bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr, g, 0)
-    assert err == 0, f"{_region2(bind_vm, 10, GMEM, GPA_A, M2, host_mem.addr, g)} -> {errname(err)}"
+    expect_errno(bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr, g, 0), 0)
 
 
 FILE_RANGES = [
@@ -208,10 +194,8 @@ def test_file_range_past_end(bind_vm: Vm, host_mem: SharedMemory, off: int, size
     """offset + size must stay inside the guest_memfd and must not wrap: EINVAL
     (kvm_gmem_bind(): offset + size > i_size; __kvm_set_memory_region(): overflow check)."""
     g = bind_vm.create_guest_memfd(2 * M2)
-    err = bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, size, host_mem.addr, g, off)
-    assert err == want, (f"{_region2(bind_vm, 10, GMEM, GPA_A, size, host_mem.addr, g, off)} "
-                         f"on a {2 * M2:#x}-byte guest_memfd -> {errname(err)}, expected "
-                         f"{errname(want)}")
+    expect_errno(bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, size, host_mem.addr, g,
+                                                     off), want, f"{2 * M2:#x}-byte guest_memfd")
 
 
 # --- overlaps --------------------------------------------------------------------------------
@@ -245,10 +229,8 @@ def test_overlapping_gpa(vm: Vm, host_mem: SharedMemory, kind: str, gpa: int, si
     g1 = vm.create_guest_memfd(2 * M2) if flags else None
     g2 = vm.create_guest_memfd(4 * M2) if flags else None
     vm.set_user_memory_region2(10, flags, GPA_B, 2 * M2, host_mem.addr, g1, 0)
-    err = vm.try_set_user_memory_region2(11, flags, gpa, size, host_mem.addr, g2, 0)
-    assert err == want, (f"{_region2(vm, 11, flags, gpa, size, host_mem.addr, g2)} against slot "
-                         f"10 at [{GPA_B:#x}, {GPA_B + 2 * M2:#x}) -> {errname(err)}, expected "
-                         f"{errname(want)}")
+    expect_errno(vm.try_set_user_memory_region2(11, flags, gpa, size, host_mem.addr, g2, 0), want,
+                 f"slot 10 at [{GPA_B:#x}, {GPA_B + 2 * M2:#x})")
 
 
 def test_overlapping_file_ranges(bind_vm: Vm, host_mem: SharedMemory) -> None:
@@ -265,22 +247,17 @@ def test_overlapping_file_ranges(bind_vm: Vm, host_mem: SharedMemory) -> None:
     allowed, why = expected_errnos(vm, Behaviour.GMEM_BIND_OVERLAP)
     seen = {}
     for off in (M2, 3 * M2):  # [2M, 6M) and [6M, 10M) against slot 11's [4M, 8M)
-        err = vm.try_set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, off)
-        seen[off] = err
-        assert err in allowed, (
-            f"{_region2(vm, 10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, off)} overlapping slot "
-            f"11's file range [{2 * M2:#x}, {4 * M2:#x}) -> {errname(err)}, expected one of "
-            f"{sorted(errname(e) for e in allowed)} ({why})")
+        seen[off] = err = vm.try_set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr,
+                                                         g, off)
+        expect_errno(err, allowed, f"slot 11's file range [{2 * M2:#x}, {4 * M2:#x}); {why}")
     assert len(set(seen.values())) == 1, (
         f"inconsistent errnos for overlapping guest_memfd ranges: "
         f"{ {hex(o): errname(e) for o, e in seen.items()} }")
     for gpa in (GPA_B - M2, GPA_B + M2):
-        err = vm.try_set_user_memory_region2(10, GMEM, gpa, 2 * M2, host_mem.addr, g, 0)
-        assert err == errno.EEXIST, (f"{_region2(vm, 10, GMEM, gpa, 2 * M2, host_mem.addr, g)} "
-                                     f"overlapping slot 11's GPAs -> {errname(err)}, "
-                                     "expected EEXIST")
-    err = vm.try_set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, 0)
-    assert err == 0, f"rebinding the free range [0, 4M) -> {errname(err)}"
+        expect_errno(vm.try_set_user_memory_region2(10, GMEM, gpa, 2 * M2, host_mem.addr, g, 0),
+                     errno.EEXIST, "slot 11's GPAs")
+    expect_errno(vm.try_set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, 0), 0,
+                 "rebinding the free range [0, 4M)")
 
 
 # --- lifetime of a slot ------------------------------------------------------------------------
@@ -300,9 +277,7 @@ def test_delete_and_recreate(vm: Vm, host_mem: SharedMemory, kind: str) -> None:
         vm.delete_memslot(10)
     vm.set_user_memory_region2(11, flags, GPA_A, 2 * M2, host_mem.addr, g, 0)
     vm.delete_memslot(11)
-    err = vm.try_set_user_memory_region2(12, 0, 0, 0, 0)
-    assert err == errno.EINVAL, (f"deleting slot 12, which does not exist -> {errname(err)}, "
-                                 "expected EINVAL")
+    expect_errno(vm.try_set_user_memory_region2(12, 0, 0, 0, 0), errno.EINVAL, "no slot 12")
 
 
 MODIFY = [
@@ -327,12 +302,11 @@ def test_modify_guest_memfd_slot(bind_vm: Vm, host_mem: SharedMemory, flags: int
     g = bind_vm.create_guest_memfd(4 * M2)
     bind_vm.set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, 0)
     hva = host_mem.addr + hva_off
-    err = bind_vm.try_set_user_memory_region2(10, flags, gpa, 2 * M2, hva, g, off)
-    assert err == errno.EINVAL, (f"{_region2(bind_vm, 10, flags, gpa, 2 * M2, hva, g, off)} on a "
-                                 f"guest_memfd slot -> {errname(err)}, expected EINVAL")
+    expect_errno(bind_vm.try_set_user_memory_region2(10, flags, gpa, 2 * M2, hva, g, off),
+                 errno.EINVAL, "a guest_memfd slot")
     # Still there: its GPAs and its file range are still taken.
-    err = bind_vm.try_set_user_memory_region2(11, 0, GPA_A, P, host_mem.addr)
-    assert err == errno.EEXIST, f"slot 10 vanished after a refused change: {errname(err)}"
+    expect_errno(bind_vm.try_set_user_memory_region2(11, 0, GPA_A, P, host_mem.addr),
+                 errno.EEXIST, "slot 10 must survive a refused change")
 
 
 def test_modify_plain_slot(vm: Vm, host_mem: SharedMemory) -> None:
@@ -344,9 +318,8 @@ def test_modify_plain_slot(vm: Vm, host_mem: SharedMemory) -> None:
     vm.set_user_memory_region2(10, LOG, GPA_A + 4 * M2, 2 * M2, host_mem.addr)
     vm.set_user_memory_region2(10, 0, GPA_A + 4 * M2, 2 * M2, host_mem.addr)
     for size, hva in ((M2, host_mem.addr), (2 * M2, host_mem.addr + P)):
-        err = vm.try_set_user_memory_region2(10, 0, GPA_A + 4 * M2, size, hva)
-        assert err == errno.EINVAL, (f"{_region2(vm, 10, 0, GPA_A + 4 * M2, size, hva)} on an "
-                                     f"existing slot -> {errname(err)}, expected EINVAL")
+        expect_errno(vm.try_set_user_memory_region2(10, 0, GPA_A + 4 * M2, size, hva),
+                     errno.EINVAL, "an existing slot")
 
 
 # --- several slots, one file (beyond upstream) --------------------------------------------------
@@ -363,14 +336,12 @@ def test_one_guest_memfd_several_slots(bind_vm: Vm, host_mem: SharedMemory) -> N
         vm.set_user_memory_region2(slot, GMEM, gpa, size, host_mem.addr, g, off)
     allowed, why = expected_errnos(vm, Behaviour.GMEM_BIND_OVERLAP)
     for off in (2 * P, 6 * P, 11 * P, 0):
-        err = vm.try_set_user_memory_region2(23, GMEM, 4 << 32, 4 * P, host_mem.addr, g, off)
-        assert err in allowed, (f"{_region2(vm, 23, GMEM, 4 << 32, 4 * P, host_mem.addr, g, off)}"
-                                f" over a bound range -> {errname(err)}, expected one of "
-                                f"{sorted(errname(e) for e in allowed)} ({why})")
+        expect_errno(vm.try_set_user_memory_region2(23, GMEM, 4 << 32, 4 * P, host_mem.addr, g,
+                                                    off), allowed, f"a bound range; {why}")
     vm.delete_memslot(21)
     vm.set_user_memory_region2(23, GMEM, 4 << 32, 8 * P, host_mem.addr, g, 4 * P)
-    err = vm.try_set_user_memory_region2(24, GMEM, 5 << 32, P, host_mem.addr, g, 12 * P)
-    assert err in allowed, f"slot 22's range is still bound: {errname(err)}"
+    expect_errno(vm.try_set_user_memory_region2(24, GMEM, 5 << 32, P, host_mem.addr, g, 12 * P),
+                 allowed, "slot 22's range is still bound")
 
 
 def test_unbind_rebind(bind_vm: Vm, make_vm: Callable[[], Vm], host_mem: SharedMemory) -> None:
@@ -383,8 +354,8 @@ def test_unbind_rebind(bind_vm: Vm, make_vm: Callable[[], Vm], host_mem: SharedM
         vm.set_user_memory_region2(slot, GMEM, gpa, 2 * M2, host_mem.addr, g, 0)
         vm.delete_memslot(slot)
     other = make_vm()
-    err = other.try_set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, 0)
-    assert err == errno.EINVAL, f"another VM binding an unbound guest_memfd -> {errname(err)}"
+    expect_errno(other.try_set_user_memory_region2(10, GMEM, GPA_A, 2 * M2, host_mem.addr, g, 0),
+                 errno.EINVAL, "another VM's guest_memfd")
 
 
 # --- how many slots -----------------------------------------------------------------------------
@@ -398,11 +369,10 @@ def test_max_memslots(kvm: Kvm, vm: Vm) -> None:
     mem = anonymous(kvm.backend, (n + 1) * P, "max-memslots")
     try:
         for slot in range(n):
-            err = vm.try_set_user_memory_region(slot, 0, slot * P, P, mem.addr + slot * P)
-            assert err == 0, (f"KVM_SET_USER_MEMORY_REGION(slot={slot} of {n}) -> {errname(err)}")
-        err = vm.try_set_user_memory_region(n, 0, n * P, P, mem.addr + n * P)
-        assert err == errno.EINVAL, (f"KVM_SET_USER_MEMORY_REGION(slot={n} == KVM_CAP_NR_MEMSLOTS) "
-                                     f"-> {errname(err)}, expected EINVAL")
+            expect_errno(vm.try_set_user_memory_region(slot, 0, slot * P, P, mem.addr + slot * P),
+                         0, f"slot {slot} of {n}")
+        expect_errno(vm.try_set_user_memory_region(n, 0, n * P, P, mem.addr + n * P),
+                     errno.EINVAL, "slot == KVM_CAP_NR_MEMSLOTS")
         vm.delete_memslot(0)
         vm.set_user_memory_region(0, 0, n * P, P, mem.addr + n * P)
     finally:

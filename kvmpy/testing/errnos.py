@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+from collections.abc import Iterable
 from typing import Any
 
+from ..errors import Errno
 from ..system import Kvm
 from ..uapi import Cap, GuestMemfdFlag, MemFlag
 from ..vm import Vm
@@ -149,6 +151,18 @@ def supported_attributes(vm: Vm) -> int:
     return vm.check_extension(Cap.MEMORY_ATTRIBUTES)
 
 
+def expect_errno(result: int, want: int | Iterable[int], why: str = "") -> None:
+    """Assert a ``try_*`` result; the message names the call and its arguments (an
+    :class:`~kvmpy.errors.Errno` carries them), what came back and what was expected."""
+    wants = {want} if isinstance(want, int) else set(want)
+    if result in wants:
+        return
+    call = f"{result.call}({result.detail})" if isinstance(result, Errno) else "call"
+    exp = " or ".join(sorted(errname(w) for w in wants))
+    raise AssertionError(f"{call} -> {errname(result)}, expected {exp}"
+                         + (f" ({why})" if why else ""))
+
+
 def errname(err: int) -> str:
     """'EINVAL' for 22, '0' for success: for assert messages."""
     return errno.errorcode.get(err, str(err)) if err else "0 (success)"
@@ -160,6 +174,7 @@ __all__ = [
     "Variant",
     "Versioned",
     "errname",
+    "expect_errno",
     "expected_errnos",
     "gmem_flag_sets",
     "memslot_accepts_guest_memfd",
