@@ -12,6 +12,8 @@ from .errors import Errno
 from .gmem import GuestMemfd
 from .system import _cap_name, _vm_type_name
 from .uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
     Ioctl,
     MemFlag,
     MemoryAttribute,
@@ -207,6 +209,22 @@ class Vm(FdObject):
     def _attrs(gpa: int, size: int, attributes: int, flags: int) -> kvm_memory_attributes:
         return pack(Ioctl.KVM_SET_MEMORY_ATTRIBUTES, kvm_memory_attributes, address=gpa,
                     size=size, attributes=int(attributes), flags=flags)
+
+    def guest_mem_fallocate(self, gpa: int, size: int, punch_hole: bool = False) -> None:
+        """fallocate (or punch) the guest_memfd pages behind guest-physical [gpa, gpa+size),
+        across memslots, as kvm_util's vm_guest_mem_fallocate(); a piece of the range in no
+        guest_memfd memslot raises ValueError naming it."""
+        mode = FALLOC_FL_KEEP_SIZE | (FALLOC_FL_PUNCH_HOLE if punch_hole else 0)
+        end = gpa + size
+        while gpa < end:
+            m = next((s for s in self.memslots.values()
+                      if s.guest_phys_addr <= gpa < s.end and (s.slot >> 16) == 0), None)
+            if m is None or m.guest_memfd is None:
+                raise ValueError(f"gpa {gpa:#x} is not in a guest_memfd memslot "
+                                 f"({'no memslot' if m is None else repr(m)})")
+            n = min(end, m.end) - gpa
+            m.guest_memfd.fallocate(m.guest_memfd_offset + gpa - m.guest_phys_addr, n, mode)
+            gpa += n
 
     def set_private(self, gpa: int, size: int) -> None:
         self.set_memory_attributes(gpa, size, MemoryAttribute.PRIVATE)

@@ -17,30 +17,29 @@ All on a KVM_X86_SW_PROTECTED_VM (the requirement of private_mem_conversions_tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import struct
 from collections.abc import Iterator
 
 import pytest
 
-from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
-from kvmpy.guest.x86 import PAGE_2M
-from kvmpy.system import Kvm
-from kvmpy.testing.private import (
+# The conversions experiment's host loop and helpers, reused for these guests (they speak the
+# same guests/include/private_mem.h protocol).
+from test_private_mem_conversions import (  # type: ignore[import-not-found]
     MAP_GPA_DO_FALLOCATE,
-    MAP_GPA_RANGE_BIT,
     MAP_GPA_SET_ATTRIBUTES,
     MAP_GPA_SHARED,
-    OP_CHECK,
-    OP_FILL,
-    OP_MAP,
-    Op,
     check_shared,
-    enable_map_gpa_range_exit,
     fill_shared,
-    require_private_mem,
     run_conversion_vcpu,
-    write_script,
 )
+
+from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
+from kvmpy.guest.hypercall import MAP_GPA_RANGE_BIT, enable_map_gpa_range_exit
+from kvmpy.guest.x86 import PAGE_2M
+from kvmpy.system import Kvm
+from kvmpy.testing.private import require_private_mem
 from kvmpy.uapi import (
     PAGE_SIZE,
     ExitReason,
@@ -253,6 +252,28 @@ def test_host_writes_to_shared_visible_after_round_trip(g: GuestVm) -> None:
 
 
 # --- scripted conversion sequences ------------------------------------------------------------
+OP_FILL, OP_CHECK, OP_MAP, OP_SYNC = 1, 2, 3, 4   # guests/private_mem_beyond.c guest_script
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One step of guest_script: FILL/CHECK (gpa, size, byte), MAP (gpa, size, a2 bits: a
+    KVM_HC_MAP_GPA_RANGE), SYNC (arg). ``gpa`` is relative to the script's base."""
+
+    kind: int
+    gpa: int
+    size: int
+    arg: int
+
+
+def write_script(g: GuestVm, base: int, ops: list[Op]) -> tuple[int, int]:
+    """Put ``ops`` in low guest memory; returns guest_script's (table gpa, count) arguments."""
+    table = g.alloc_low((len(ops) * 32 + PAGE_SIZE - 1) // PAGE_SIZE)
+    g.write_phys(table, b"".join(struct.pack("<4Q", o.kind, base + o.gpa, o.size, o.arg)
+                                 for o in ops))
+    return table, len(ops)
+
+
 def _fill(off: int, size: int, b: int) -> Op:
     return Op(OP_FILL, off, size, b)
 

@@ -1,7 +1,9 @@
-"""private_mem_conversions_test (shared/selftests-catalog.md §5.2), in kvmpy.
+"""private_mem_conversions_test (tools/testing/selftests/kvm/x86/private_mem_conversions_test.c),
+in kvmpy.
 
-Guest: guests/private_mem_conversions.c (guest_conversions). Host loop:
-kvmpy.testing.private.run_conversion_vcpu, one thread per vCPU.
+Guest: guests/private_mem_conversions.c (guest_conversions; its SYNC stages and MAP_GPA_RANGE
+request bits are guests/include/private_mem.h's). Host loop: run_conversion_vcpu below, one
+thread per vCPU (test_private_mem_beyond.py reuses it for its own guests).
 
 Pins, on a KVM_X86_SW_PROTECTED_VM:
 * KVM_HC_MAP_GPA_RANGE exits to userspace once KVM_CAP_EXIT_HYPERCALL has bit 12
@@ -20,25 +22,110 @@ Options of the C test as parameters: vCPUs (-n), memslots (-m), shared backing t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 
 from kvmpy.gmem import GuestMemfd
-from kvmpy.guest import BackingUnavailable, GuestVm
+from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
+from kvmpy.guest.hypercall import MapGpaRange, complete_hypercall, enable_map_gpa_range_exit
+from kvmpy.guest.ucall import UnexpectedExit, UnexpectedUcall
 from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
-from kvmpy.testing.private import (
-    ConversionStats,
-    enable_map_gpa_range_exit,
-    require_private_mem,
-    run_conversion_vcpu,
-)
-from kvmpy.uapi import PAGE_SIZE, VmType
-from kvmpy.vcpu import Vcpu
+from kvmpy.testing.private import require_private_mem
+from kvmpy.uapi import PAGE_SIZE, ExitReason, MemoryAttribute, VmType
+from kvmpy.vcpu import Exit, Vcpu
 
 pytestmark = pytest.mark.guest
+
+# guests/include/private_mem.h: the test's own bits in KVM_HC_MAP_GPA_RANGE's a2 (KVM passes a2
+# through unread), and the SYNC stages.
+MAP_GPA_SET_ATTRIBUTES = 1 << 0
+MAP_GPA_SHARED = 1 << 1
+MAP_GPA_DO_FALLOCATE = 1 << 2
+SYNC_SHARED = 1
+SYNC_PRIVATE = 2
+
+
+# --- the host side (handle_exit_hypercall and the vCPU loop of the C test) ------------------
+def handle_exit_hypercall(vcpu: Vcpu, ex: Exit) -> MapGpaRange:
+    """fallocate (punch when converting to shared) if DO_FALLOCATE, KVM_SET_MEMORY_ATTRIBUTES
+    if SET_ATTRIBUTES, then hypercall.ret = 0."""
+    req = MapGpaRange.decode(ex)
+    shared = bool(req.attributes & MAP_GPA_SHARED)
+    if req.attributes & MAP_GPA_DO_FALLOCATE:
+        vcpu.vm.guest_mem_fallocate(req.gpa, req.size, punch_hole=shared)
+    if req.attributes & MAP_GPA_SET_ATTRIBUTES:
+        vcpu.vm.set_memory_attributes(req.gpa, req.size, MemoryAttribute.NONE if shared
+                                      else MemoryAttribute.PRIVATE)
+    complete_hypercall(vcpu, 0)
+    return req
+
+
+def check_shared(g: GuestVm, gpa: int, size: int, byte: int, what: str = "") -> None:
+    """Assert the shared backing (the memslots' userspace_addr) holds ``byte`` over the range."""
+    data = g.read_phys(gpa, size)
+    bad = next((k for k in range(size) if data[k] != byte), None)
+    if bad is not None:
+        raise AssertionError(f"shared backing at gpa {gpa + bad:#x} holds {data[bad]:#04x}, "
+                             f"expected {byte:#04x}{': ' + what if what else ''}")
+
+
+def fill_shared(g: GuestVm, gpa: int, size: int, byte: int) -> None:
+    """memset the shared backing behind [gpa, gpa+size) from the host."""
+    g.write_phys(gpa, bytes([byte]) * size)
+
+
+@dataclasses.dataclass
+class ConversionStats:
+    hypercalls: int = 0
+    to_private: int = 0
+    to_shared: int = 0
+    punches: int = 0
+    sync_shared: int = 0
+    sync_private: int = 0
+
+
+def run_conversion_vcpu(g: GuestVm, vcpu: Vcpu, timeout: float | None = None) -> ConversionStats:
+    """HYPERCALL -> handle_exit_hypercall; SYNC_SHARED(gpa, size, cur, new): the shared backing
+    holds ``cur``, then the host fills it with ``new``; SYNC_PRIVATE(gpa, size, p): it still
+    holds ``p``; DONE ends. Anything else fails naming it."""
+    st = ConversionStats()
+    while True:
+        r = g.run(vcpu, timeout)
+        if isinstance(r, Exit):
+            if r.reason != ExitReason.HYPERCALL:
+                raise UnexpectedExit(r, f"{g.where(vcpu)}: expected KVM_EXIT_HYPERCALL or a "
+                                        f"ucall (KVM_EXIT_IO), got {r}")
+            a = handle_exit_hypercall(vcpu, r).attributes
+            st.hypercalls += 1
+            if a & MAP_GPA_SET_ATTRIBUTES:
+                st.to_shared += bool(a & MAP_GPA_SHARED)
+                st.to_private += not a & MAP_GPA_SHARED
+            elif a & MAP_GPA_DO_FALLOCATE and a & MAP_GPA_SHARED:
+                st.punches += 1
+            continue
+        if r.cmd == UcallCmd.DONE:
+            return st
+        who = g.where(vcpu, with_rip=False)
+        if r.stage == SYNC_SHARED and len(r.args) == 5:
+            _, gpa, size, cur, new = r.args
+            check_shared(g, gpa, size, cur, f"SYNC_SHARED from {who}: the guest's shared writes "
+                         "must reach the backing")
+            fill_shared(g, gpa, size, new)
+            st.sync_shared += 1
+        elif r.stage == SYNC_PRIVATE and len(r.args) == 4:
+            _, gpa, size, p = r.args
+            check_shared(g, gpa, size, p, f"SYNC_PRIVATE from {who}: private writes must not be "
+                         "visible in the shared backing")
+            st.sync_private += 1
+        else:
+            raise UnexpectedUcall(r, f"{g.where(vcpu)}: unexpected ucall {r}")
+
+
+# --- the test ---------------------------------------------------------------------------------
 
 #: What each vCPU's guest touches (the C test's PER_CPU_DATA_SIZE).
 AREA_SIZE = PAGE_2M + PAGE_SIZE

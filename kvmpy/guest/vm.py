@@ -292,26 +292,34 @@ class GuestVm:
     def symbol(self, name: str) -> int:
         return self.image.symbol(name)
 
+    def _phys_pieces(self, gpa: int, length: int, what: str) -> list[tuple[Any, int, int]]:
+        """(low mapping or region, offset in it, length) covering [gpa, gpa+length)."""
+        out: list[tuple[Any, int, int]] = []
+        end = gpa + length
+        while gpa < end:
+            if self.low is not None and gpa < self.low_size:
+                n = min(end, self.low_size) - gpa
+                out.append((self.low.mapping, gpa, n))
+            else:
+                r = next((r for r in self.regions if r.gpa <= gpa < r.gpa + r.size), None)
+                if r is None:
+                    raise ValueError(f"gpa {gpa:#x} (of {end - length:#x}+{length:#x}) is not in "
+                                     f"guest memory this GuestVm can {what}")
+                n = min(end, r.gpa + r.size) - gpa
+                out.append((r, gpa - r.gpa, n))
+            gpa += n
+        return out
+
     def read_phys(self, gpa: int, length: int) -> bytes:
-        """Read guest-physical memory through the host mapping behind it."""
-        if self.low is not None and gpa + length <= self.low_size:
-            return self.low.mapping.read(gpa, length)
-        for r in self.regions:
-            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
-                return r.read(gpa - r.gpa, length)
-        raise ValueError(f"gpa {gpa:#x}+{length:#x} is not in guest memory this GuestVm "
-                         "can read")
+        """Read guest-physical memory through the host mappings behind it (across memslots;
+        for a test memslot, its shared backing: the userspace_addr view)."""
+        return b"".join(t.read(off, n) for t, off, n in self._phys_pieces(gpa, length, "read"))
 
     def write_phys(self, gpa: int, data: bytes) -> None:
-        if self.low is not None and gpa + len(data) <= self.low_size:
-            self.low.mapping.write(gpa, data)
-            return
-        for r in self.regions:
-            if r.gpa <= gpa and gpa + len(data) <= r.gpa + r.size:
-                r.write(gpa - r.gpa, data)
-                return
-        raise ValueError(f"gpa {gpa:#x}+{len(data):#x} is not in guest memory this GuestVm "
-                         "can write")
+        pos = 0
+        for t, off, n in self._phys_pieces(gpa, len(data), "write"):
+            t.write(off, data[pos:pos + n])
+            pos += n
 
     # --- running ------------------------------------------------------------------------
     def where(self, vcpu: Vcpu, rip: int | None = None, *, with_rip: bool = True) -> str:
