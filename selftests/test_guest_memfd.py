@@ -15,7 +15,6 @@ fs/read_write.c for the generic file errnos.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from pathlib import Path
@@ -30,6 +29,14 @@ from kvmpy.backend import (
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
+)
+from kvmpy.backend.libc import (
+    MPOL_BIND,
+    MPOL_DEFAULT,
+    MPOL_INTERLEAVE,
+    libc_get_mempolicy,
+    libc_mbind,
+    libc_move_pages,
 )
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
@@ -353,13 +360,6 @@ def test_madv_collapse_refused(kvm: Kvm, gmem_vm: Vm, gmem_flags_offered: int) -
 
 # --- NUMA (multi-node hosts only) --------------------------------------------------------------
 
-MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
-MPOL_F_ADDR = 1 << 1
-SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279  # x86_64
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
 def _numa_nodes() -> int:
     base = Path("/sys/devices/system/node")
     return len(list(base.glob("node[0-9]*"))) if base.exists() else 1
@@ -372,29 +372,12 @@ def _require_two_nodes() -> None:
                     "policy cases need nodes 0 and 1")
 
 
-def _mbind(addr: int, length: int, mode: int, nodemask: int, maxnode: int = 64) -> int:
-    mask = ctypes.c_ulong(nodemask)
-    r = _libc.syscall(SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), mode,
-                      ctypes.byref(mask) if nodemask else None, ctypes.c_ulong(maxnode if
-                                                                               nodemask else 0), 0)
-    return ctypes.get_errno() if r < 0 else 0
-
-
-def _get_mempolicy(addr: int) -> tuple[int, int]:
-    policy, mask = ctypes.c_int(-1), ctypes.c_ulong(0)
-    r = _libc.syscall(SYS_GET_MEMPOLICY, ctypes.byref(policy), ctypes.byref(mask),
-                      ctypes.c_ulong(64), ctypes.c_void_p(addr), MPOL_F_ADDR)
-    assert r == 0, f"get_mempolicy(addr {addr:#x}) -> {errname(ctypes.get_errno())}"
-    return policy.value, mask.value
-
-
-def _page_nodes(addrs: list[int]) -> list[int]:
-    n = len(addrs)
-    pages = (ctypes.c_void_p * n)(*addrs)
-    status = (ctypes.c_int * n)()
-    r = _libc.syscall(SYS_MOVE_PAGES, 0, ctypes.c_ulong(n), pages, None, status, 0)
-    assert r == 0, f"move_pages(query) -> {errname(ctypes.get_errno())}"
-    return list(status)
+def _mbind(addr: int, length: int, mode: int, nodemask: int) -> int:
+    try:
+        libc_mbind(addr, length, mode, nodemask)
+        return 0
+    except OSError as e:
+        return e.errno or 0
 
 
 @only(MMAP, MMAP | INIT_SHARED)
@@ -407,9 +390,9 @@ def test_mbind(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     for addr, mode in ((m.addr, MPOL_INTERLEAVE), (m.addr + 2 * P, MPOL_BIND)):
         err = _mbind(addr, 2 * P, mode, 1)
         assert err == 0, f"mbind({addr:#x}, mode {mode}, node 0) -> {errname(err)}"
-        assert _get_mempolicy(addr) == (mode, 1), f"get_mempolicy({addr:#x}) after mbind {mode}"
+        assert libc_get_mempolicy(addr) == (mode, 1), f"get_mempolicy({addr:#x}) after mbind {mode}"
     assert _mbind(m.addr, TOTAL, MPOL_DEFAULT, 0) == 0
-    assert _get_mempolicy(m.addr) == (MPOL_DEFAULT, 0)
+    assert libc_get_mempolicy(m.addr) == (MPOL_DEFAULT, 0)
     err = _mbind(m.addr, P, 999, 1)
     assert err == errno.EINVAL, f"mbind(policy 999) -> {errname(err)}, expected EINVAL"
 
@@ -429,7 +412,7 @@ def test_numa_allocation(gmem_vm: Vm, gmem_flags_offered: int) -> None:
         assert _mbind(pages[0], 2 * P, MPOL_BIND, first) == 0
         assert _mbind(pages[2], 2 * P, MPOL_BIND, second) == 0
         m.fill(0, TOTAL, 0xAA)
-        got = _page_nodes(pages)
+        got = libc_move_pages(pages)
         assert got == want, f"pages on nodes {got}, expected {want}"
         g.punch_hole(0, TOTAL)
 

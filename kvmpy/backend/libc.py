@@ -81,3 +81,49 @@ def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
           len=(length, _OFF_T))
     if libc.fallocate(fd, mode, offset, length) == -1:
         raise errno_error("fallocate")
+
+
+# --- NUMA memory policy (no glibc wrappers: libnuma has them; the raw syscalls suffice) --------
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279
+MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE = 0, 1, 2, 3
+MPOL_F_NODE, MPOL_F_ADDR = 1 << 0, 1 << 1
+MPOL_MF_STRICT, MPOL_MF_MOVE = 1 << 0, 1 << 1
+libc.syscall.restype = ctypes.c_long
+
+
+def libc_mbind(addr: int, length: int, mode: int, nodemask: int, maxnode: int = 64,
+               flags: int = 0) -> None:
+    """mbind(2); ``nodemask`` is a bit mask of nodes (0 for none)."""
+    _fits("mbind", addr=(addr, _SIZE_T), len=(length, _SIZE_T), mode=(mode, _C_INT),
+          nodemask=(nodemask, _SIZE_T), flags=(flags, (0, (1 << 32) - 1)))
+    mask = ctypes.c_ulong(nodemask)
+    if libc.syscall(SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), mode,
+                    ctypes.byref(mask) if nodemask else None,
+                    ctypes.c_ulong(maxnode if nodemask else 0), ctypes.c_uint(flags)) < 0:
+        raise errno_error("mbind")
+
+
+def libc_get_mempolicy(addr: int | None = None, flags: int = 0) -> tuple[int, int]:
+    """get_mempolicy(2): (mode or node, node mask) of ``addr`` (MPOL_F_ADDR) or the thread."""
+    policy, mask = ctypes.c_int(-1), ctypes.c_ulong(0)
+    if addr is not None:
+        flags |= MPOL_F_ADDR
+    if libc.syscall(SYS_GET_MEMPOLICY, ctypes.byref(policy), ctypes.byref(mask),
+                    ctypes.c_ulong(64), ctypes.c_void_p(addr or 0), ctypes.c_ulong(flags)) < 0:
+        raise errno_error("get_mempolicy")
+    return policy.value, mask.value
+
+
+def libc_move_pages(addrs: list[int], nodes: list[int] | None = None,
+                    flags: int = 0) -> list[int]:
+    """move_pages(2) for this process: with ``nodes`` None, the node of each page (or -errno);
+    else the per-page result of moving each to its node."""
+    n = len(addrs)
+    pages = (ctypes.c_void_p * n)(*addrs)
+    status = (ctypes.c_int * n)()
+    want = (ctypes.c_int * n)(*nodes) if nodes is not None else None
+    if libc.syscall(SYS_MOVE_PAGES, 0, ctypes.c_ulong(n), pages, want, status,
+                    ctypes.c_int(flags)) < 0:
+        raise errno_error("move_pages")
+    return list(status)
