@@ -180,7 +180,7 @@ def test_caps_backend_error_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A device that opens but answers like no KVM (KvmError from the first ioctl), whatever
     the object layer makes of it: one line, exit 2."""
-    from kvmpy import cli
+    from kvmpy.app import cli
     from kvmpy.errors import KvmError
 
     def broken(name: str) -> None:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmpy.app.faultcheck import Result, markdown_table
 from kvmpy.backend.faults import FAULTS, FaultBackend, from_env
 from kvmpy.backend.host import HostBackend
 from kvmpy.backend.select import make_backend
-from kvmpy.faultcheck import Result, markdown_table
 from kvmpy.memory import SharedMemory
 from kvmpy.model.harness import GPA_BASE, ModelHarness, ModelMismatch
 from kvmpy.system import Kvm

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.run import (
+from kvmpy.app.run import (
     EXIT_FAIL,
     EXIT_NO_TESTS,
     EXIT_PASS,

@@ -1,6 +1,6 @@
 """Fault injection at the backend seam: a Backend wrapper that plants ONE named kernel bug.
 
-Used by the regression-power self-check (``python -m kvmpy.faultcheck``): the selftests run
+Used by the regression-power self-check (``python -m kvmpy.app.faultcheck``): the selftests run
 against a backend with a fault injected and must fail. A fault that no test notices is a hole
 in the suite. Selection: :func:`kvmpy.backend.select.make_backend` wraps its backend in
 :class:`FaultBackend` when ``KVMPY_INJECT_FAULT`` names a fault of :data:`FAULTS`.

@@ -27,7 +27,7 @@ def make_backend(name: str, emu_profile: str | None = None) -> Backend:
     """``emu_profile`` (emulated backend only): upstream, 6.12 or host; default
     $KVMPY_EMU_PROFILE or upstream."""
     backend = _make_backend(name, emu_profile)
-    # Fault-injection hook of the regression-power self-check (python -m kvmpy.faultcheck,
+    # Fault-injection hook of the regression-power self-check (python -m kvmpy.app.faultcheck,
     # docs/beyond.md): $KVMPY_INJECT_FAULT names ONE fault of kvmpy.backend.faults to plant in
     # the backend. Unset (always, outside the self-check) it changes nothing.
     if os.environ.get("KVMPY_INJECT_FAULT"):

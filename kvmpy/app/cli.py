@@ -12,7 +12,7 @@ import json
 import sys
 from typing import NoReturn
 
-from .errors import KvmError, KvmUnavailable
+from ..errors import KvmError, KvmUnavailable
 
 EXIT_USAGE = 2
 
@@ -32,13 +32,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _backend(name: str):  # type: ignore[no-untyped-def]
-    from .backend.select import make_backend
+    from ..backend.select import make_backend
 
     return make_backend(name)
 
 
 def cmd_caps(args: argparse.Namespace) -> int:
-    from .caps import probe, render
+    from ..caps import probe
+    from .render_caps import render
 
     try:
         report = probe(_backend(args.backend))
@@ -62,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> None:
     """Everything the command will read, validated before it starts (one line, exit 2)."""
-    from .backend.select import ConfigError, check_environment
+    from ..backend.select import ConfigError, check_environment
 
     try:
         check_environment()

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .testing.ktap import OUTCOMES, Result, Results
+from ..testing.ktap import OUTCOMES, Result, Results
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_SKIP, EXIT_NO_TESTS = 0, 1, 2, 4, 5
 
@@ -88,7 +88,7 @@ def check_output_path(path: str, option: str) -> None:
     A report that cannot be written used to fail only after the whole run (exit 1 with every
     test passed); trying it first costs nothing.
     """
-    from .backend.select import ConfigError
+    from ..backend.select import ConfigError
 
     p = Path(path)
     valid = "valid: a file path whose directory can be created and written"
@@ -116,7 +116,7 @@ def check_args(args: argparse.Namespace) -> None:
     """ConfigError (one line) for a bad option of ``kvmpy run``, before the header or pytest."""
     import math
 
-    from .backend.select import EMU_PROFILES, ConfigError, choice
+    from ..backend.select import EMU_PROFILES, ConfigError, choice
 
     if not math.isfinite(args.timeout) or args.timeout < 0:
         raise ConfigError(f"--timeout: invalid value {args.timeout:g}; valid: seconds >= 0 "
@@ -146,10 +146,10 @@ def _option_value(argv: list[str], name: str) -> str | None:
 
 def header_lines(backends: list[str], choice: str, emu_profile: str | None = None) -> list[str]:
     """Kernel, KVM module and parameters, and per backend the VM types and guest_memfd flags."""
-    from .backend.host import kvm_module, kvm_module_params
-    from .backend.select import kvm_available, make_backend
-    from .caps import _flag_names, probe
-    from .errors import KvmError, KvmUnavailable
+    from ..backend.host import kvm_module, kvm_module_params
+    from ..backend.select import kvm_available, make_backend
+    from ..caps import _flag_names, probe
+    from ..errors import KvmError, KvmUnavailable
 
     u = platform.uname()
     lines = [f"kernel    Linux {u.release} {u.version} ({u.machine})",
@@ -170,7 +170,7 @@ def header_lines(backends: list[str], choice: str, emu_profile: str | None = Non
         lines.append(f"[{name}]     {rep.backend}: VM types {', '.join(rep.vm_types) or 'none'}; "
                      f"guest_memfd flags {rep.guest_memfd_flags:#x} ({flags})")
     if "kvm" in backends:
-        from .testing.health import describe
+        from ..testing.health import describe
 
         lines.append(describe())
     return lines
@@ -346,7 +346,7 @@ def print_summary(console: Any, results: Results, pytest_rc: int, elapsed: float
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .backend.select import kvm_available
+    from ..backend.select import kvm_available
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     argv = pytest_args(args)

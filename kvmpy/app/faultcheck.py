@@ -1,8 +1,8 @@
 """Regression-power self-check: run the selftests against each injected fault.
 
-    .venv/bin/python -m kvmpy.faultcheck                 # every fault, default selftests, emu
-    .venv/bin/python -m kvmpy.faultcheck --faults punch-hole-dropped,mmio-gpa -n 2
-    .venv/bin/python -m kvmpy.faultcheck --markdown docs/faultcheck.md
+    .venv/bin/python -m kvmpy.app.faultcheck                 # every fault, default selftests, emu
+    .venv/bin/python -m kvmpy.app.faultcheck --faults punch-hole-dropped,mmio-gpa -n 2
+    .venv/bin/python -m kvmpy.app.faultcheck --markdown docs/faultcheck.md
 
 For each fault of kvmpy.backend.faults.FAULTS, pytest runs the selected selftests in a child
 process with ``KVMPY_INJECT_FAULT=<fault>`` (make_backend wraps its backend in FaultBackend),
@@ -27,7 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .backend.faults import FAULTS
+from ..backend.faults import FAULTS
 
 DEFAULT_TESTS = ("selftests",)
 
@@ -131,7 +131,7 @@ def write_json(path: Path, results: list[Result], baseline: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvmpy.faultcheck", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m kvmpy.app.faultcheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faults", default="", help="comma-separated fault names (default: all)")
     ap.add_argument("--tests", nargs="*", default=list(DEFAULT_TESTS),
