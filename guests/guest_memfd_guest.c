@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
  * Guest of selftests/test_guest_memfd_guest.py: guest_memfd_test's test_guest_memfd_guest
- * (shared/selftests-catalog.md §5.1, last row).
+ * (guest_memfd_test.c, test_guest_memfd_guest).
  */
 #include "kvmpy_guest.h"
 

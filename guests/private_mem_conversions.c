@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
  * Guest of selftests/test_private_mem_conversions.py (the kernel's
- * x86/private_mem_conversions_test, see shared/selftests-catalog.md §5.2).
+ * x86/private_mem_conversions_test).
  *
  * Each vCPU owns a per-CPU area at `base` (GVA == GPA, AREA_SIZE = 2 MiB + 4 KiB mapped) and
  * asks the host to convert ranges of it with KVM_HC_MAP_GPA_RANGE (hypercalls.rst). The third

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
  * Guests of selftests/test_private_mem_kvm_exits.py (the kernel's
- * x86/private_mem_kvm_exits_test, shared/selftests-catalog.md §5.3).
+ * x86/private_mem_kvm_exits_test).
  */
 #include "kvmpy_guest.h"
 

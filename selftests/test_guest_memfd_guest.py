@@ -1,4 +1,4 @@
-"""guest_memfd_test's test_guest_memfd_guest (shared/selftests-catalog.md §5.1, last row).
+"""guest_memfd_test's test_guest_memfd_guest (tools/testing/selftests/kvm/guest_memfd_test.c).
 
 Guest: guests/guest_memfd_guest.c. A MMAP|INIT_SHARED guest_memfd bound as a memslot with
 userspace_addr NULL (KVM_SET_USER_MEMORY_REGION2, slot 1, gpa 4 GiB, one page): the host fills it

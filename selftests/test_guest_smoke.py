@@ -200,7 +200,7 @@ def test_hypercall_uses_vendor_instruction(g: GuestVm) -> None:
     """kvm_hypercall() issues vmmcall on AMD/Hygon and vmcall elsewhere (CPUID leaf 0 vendor).
 
     KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL enabled returns -KVM_ENOSYS to the
-    guest (arch/x86/kvm/x86.c kvm_emulate_hypercall; uapi-facts.md 7). Where KVM's instruction
+    guest (arch/x86/kvm/x86.c kvm_emulate_hypercall). Where KVM's instruction
     emulator runs the guest, vmcall never completes (it is re-executed until a signal): the
     watchdog stops it and RIP must then be at the vendor's instruction. Either way the
     instruction is checked where the guest stopped or in kvm_hypercall's code.

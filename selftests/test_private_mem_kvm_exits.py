@@ -1,4 +1,4 @@
-"""private_mem_kvm_exits_test (shared/selftests-catalog.md §5.3), in kvmpy.
+"""private_mem_kvm_exits_test (tools/testing/selftests/kvm/x86/private_mem_kvm_exits_test.c), in kvmpy.
 
 Guest: guests/private_mem_kvm_exits.c. Pins KVM_EXIT_MEMORY_FAULT (Documentation/virt/kvm/
 api.rst 5. "KVM_EXIT_MEMORY_FAULT", KVM_CAP_MEMORY_FAULT_INFO): a private access KVM cannot

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m kvmpy.app.faultcheck                 # every fault, default selftests, emu
     .venv/bin/python -m kvmpy.app.faultcheck --faults punch-hole-dropped,mmio-gpa -n 2
-    .venv/bin/python -m kvmpy.app.faultcheck --markdown docs/faultcheck.md
+    .venv/bin/python -m kvmpy.app.faultcheck --markdown results/faultcheck.md
 
 For each fault of kvmpy.backend.faults.FAULTS, pytest runs the selected selftests in a child
 process with ``KVMPY_INJECT_FAULT=<fault>`` (make_backend wraps its backend in FaultBackend),

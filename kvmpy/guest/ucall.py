@@ -2,7 +2,7 @@
 
 The guest executes ``in al, dx`` on port 0x1000 (the selftests' UCALL_PIO_PORT) with RDI holding
 the guest-physical address of a ``struct ucall``; the host reads the struct from guest memory
-(unlike the C selftests, whose RDI is a host virtual address: uapi-facts.md §8).
+(the C selftests pass a guest virtual address and translate it: lib/x86/ucall.c).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class MalformedUcall(GuestError, ValueError):
 
     @property
     def source(self) -> str:
-        """'guests/x.c:12', or '' when the guest left file/line empty."""
+        """'guests/smoke.c:12', or '' when the guest left file/line empty."""
         return f"{self.file}:{self.line}" if self.file else ""
 
 

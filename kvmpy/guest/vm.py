@@ -11,7 +11,7 @@ Guest-physical layout (slot 0, "low memory", a memfd so the emulated KVM can ali
   .. low_mem          more allocations
 Low memory is identity-mapped with 4 KiB pages, so a guest's stack or global has
 GVA == GPA (which is what lets ucall pass a guest-physical address). Test memory goes at or
-above 4 GiB (add_memory), clear of the APIC page and the 32-bit hole (uapi-facts.md §9).
+above 4 GiB (add_memory), clear of the APIC page and the 32-bit hole.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Encodings follow the Intel SDM vol. 3 (4-level paging §4.5, segment and gate descriptors
 §3.4.5/§6.14.1, the 64-bit TSS §8.7) and the values the kernel selftests' lib/x86/processor.c
-uses (see uapi-facts.md §9).
+uses (vcpu_init_sregs(), tools/testing/selftests/kvm/lib/x86/processor.c).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _seg(s: kvm_segment, selector: int, type_: int, *, code: bool = False, base:
 def long_mode_sregs(s: kvm_sregs, *, cr3: int, gdt: int, gdt_limit: int, idt: int,
                     idt_limit: int, tss: int) -> None:
     """Fill ``s`` (from KVM_GET_SREGS) for 64-bit mode at CPL 0, paging on: the selftests'
-    vcpu_init_sregs values (uapi-facts.md §9)."""
+    vcpu_init_sregs values (tools/testing/selftests/kvm/lib/x86/processor.c)."""
     s.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG
     s.cr4 |= CR4_PAE | CR4_OSFXSR
     s.efer |= EFER_LME | EFER_LMA | EFER_NXE

@@ -7,7 +7,7 @@ compares full transcripts (every exit, GET_REGS, selected sregs, memory). Part B
 guest library (guests/smoke.c through kvmpy.guest.GuestVm) and compares ucall sequences.
 
 Real KVM on this kind of host runs such guests through its instruction emulator, so programs
-stay short. vmcall cannot complete on every host (see uapi-facts.md), so hypercalls are not
+stay short. vmcall cannot complete on every host (selftests/test_guest_smoke.py), so hypercalls are not
 compared here.
 """
 

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from .vm import EmuVm
 
 # Guest code runs in slices of SLICE_INSNS instructions. A count keeps hook stops precise
-# (emulator-notes.md), and unicorn 2.1.4's emu_stop from *another* thread is not precise: it
+# (docs/emulator.md, "Unicorn 2.1.4 facts"), and unicorn 2.1.4's emu_stop from *another* thread is not precise: it
 # can report RIP at the start of a translation block part of which already ran, so retired
 # instructions run twice (measured: lost/duplicated increments). So no other thread ever stops
 # the engine: kicks, preemption and invalidations are flags the vCPU checks between slices.
@@ -112,7 +112,7 @@ def _reset_sregs(vcpu_id: int) -> kvm_sregs:
 
 
 class EmuVcpu:
-    """One emulated vCPU (see the module docstring and docs/emu-contract)."""
+    """One emulated vCPU (see the module docstring and docs/emulator.md, "vCPU")."""
 
     def __init__(self, vm: EmuVm, vcpu_id: int, run_addr: int, mmap_size: int) -> None:
         if mmap_size < IO_DATA_OFFSET + PAGE_SIZE:

@@ -1,6 +1,6 @@
 """The unicorn engine of one vCPU: creation, register moves, and the build-specific fixes.
 
-Unicorn 2.1.4 facts used here are measured in emulator-notes.md:
+Unicorn 2.1.4 facts used here (docs/emulator.md, "Unicorn 2.1.4 facts"):
 - a UC_MODE_64 engine is always in long mode; writing CS/DS/SS/ES sets only the selector,
   writing FS/GS loads a descriptor from the GDT (and kills the process with SIGSEGV when the
   GDT is not mapped), so FS/GS are set through FS_BASE/GS_BASE only;

@@ -1,7 +1,7 @@
 """Serialized time slices for the vCPUs of one VM.
 
 Unicorn engines that share memory must not run in parallel: lock-prefixed read-modify-write
-and xchg are not atomic across engines (emulator-notes.md, "Several vCPUs"). So one vCPU runs
+and xchg are not atomic across engines (docs/emulator.md, "Unicorn 2.1.4 facts"). So one vCPU runs
 at a time. A waiting vCPU preempts the running one (emu_stop) once its slice is over, and the
 lock is handed over in FIFO order, so spin-waits between vCPUs make progress.
 """

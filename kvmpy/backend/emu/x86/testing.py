@@ -69,7 +69,7 @@ class FakeGmem:
 
 @dataclass(eq=False)
 class FakeVm:
-    """The EmuVm surface used by EmuVcpu (docs/emu-contract)."""
+    """The EmuVm surface used by EmuVcpu (docs/emulator.md, "vCPU")."""
 
     type: int = 1
     exit_hypercall_mask: int = 0
