@@ -61,6 +61,22 @@ def test_no_references_outside_the_repository() -> None:
     assert not outside, "references to files outside the repository:\n" + "\n".join(outside)
 
 
+TEST_ID = re.compile(r"\b((?:selftests|tests)/[\w/]+\.py)::(test_\w+)")
+
+
+def test_named_test_ids_exist() -> None:
+    """``selftests/test_x.py::test_y`` in a doc or comment names a test function that exists."""
+    missing = []
+    for f in _files():
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            for m in TEST_ID.finditer(line):
+                path, name = REPO / m.group(1), m.group(2)
+                if path.exists() and not re.search(rf"^\s*(async )?def {name}\b",
+                                                   path.read_text(), re.M):
+                    missing.append(f"{f.relative_to(REPO)}:{n}: {m.group(0)}")
+    assert not missing, "test ids named but not defined:\n" + "\n".join(missing)
+
+
 def test_a_missing_path_is_found(tmp_path: Path) -> None:
     """The scanner itself: a made-up path is reported, a real one is not."""
     line = "see kvmpy/no_such_module.py and kvmpy/vm.py"

@@ -5,10 +5,10 @@ The file follows what tools/testing/selftests/kselftest.h and kselftest/runner.s
     TAP version 13
     # kvmpy: kernel Linux 6.12.117 (x86_64); backends kvm, emu (--backend both)
     1..3
-    ok 1 selftests/test_memslots.py::test_x[kvm]
-    ok 2 selftests/test_memslots.py::test_y[kvm] # SKIP KVM_CAP_MEMORY_ATTRIBUTES=0x0 on ...
+    ok 1 selftests/test_memslots.py::test_invalid_flags[kvm]
+    ok 2 selftests/test_memslots.py::test_v1_refuses_guest_memfd[kvm] # SKIP KVM_CAP_MEMORY_ATTRIBUTES=0x0 on ...
     # <failure details>
-    not ok 3 selftests/test_memslots.py::test_z[emu]
+    not ok 3 selftests/test_memslots.py::test_bind_bad_fd[emu]
     # Totals: pass:1 fail:1 xfail:0 xpass:0 skip:1 error:0
 
 Test ids end in ``[kvm]``/``[emu]``, so every result line names its backend. Under pytest-xdist
