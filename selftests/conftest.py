@@ -22,7 +22,7 @@ import pytest
 from kvmpy.backend.select import kvm_available
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import valid_gmem_flags
-from kvmpy.testing.require import where
+from kvmpy.testing.require import skip_missing, where
 from kvmpy.uapi import Cap, GuestMemfdFlag, VmType
 from kvmpy.vm import Vm
 
@@ -116,7 +116,9 @@ def require_gmem_flags(vm: Vm, flags: int) -> None:
     if flags & ~valid:
         missing = "|".join(f"GUEST_MEMFD_FLAG_{f.name}" for f in GuestMemfdFlag
                            if f and f & flags & ~valid)
-        pytest.skip(f"{missing} not in KVM_CAP_GUEST_MEMFD_FLAGS={valid:#x} on {where(vm)}")
+        feature = "gmem_init_shared" if flags & ~valid == GuestMemfdFlag.INIT_SHARED else ""
+        skip_missing(vm, feature, f"{missing} not in KVM_CAP_GUEST_MEMFD_FLAGS={valid:#x} on "
+                     f"{where(vm)}")
 
 
 @pytest.fixture

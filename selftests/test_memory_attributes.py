@@ -28,7 +28,7 @@ import pytest
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd, supported_attributes
-from kvmpy.testing.require import require_cap, where
+from kvmpy.testing.require import require_cap, skip_missing, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemFlag, MemoryAttribute, kvm_pre_fault_memory
 from kvmpy.vcpu import Vcpu
 from kvmpy.vm import Vm
@@ -45,8 +45,8 @@ def attr_vm(vm: Vm) -> Vm:
     """A VM whose KVM_CAP_MEMORY_ATTRIBUTES includes KVM_MEMORY_ATTRIBUTE_PRIVATE."""
     val = supported_attributes(vm)
     if not val & PRIVATE:
-        pytest.skip(f"KVM_CAP_MEMORY_ATTRIBUTES={val:#x} (need KVM_MEMORY_ATTRIBUTE_PRIVATE="
-                    f"{PRIVATE:#x}) on {where(vm)}")
+        skip_missing(vm, "private_attributes", f"KVM_CAP_MEMORY_ATTRIBUTES={val:#x} (need "
+                     f"KVM_MEMORY_ATTRIBUTE_PRIVATE={PRIVATE:#x}) on {where(vm)}")
     return vm
 
 

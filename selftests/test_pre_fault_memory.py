@@ -31,7 +31,7 @@ from kvmpy.guest import GuestVm, MemRegion
 from kvmpy.guest.watchdog import WATCHDOG
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd, supported_attributes
-from kvmpy.testing.require import require_cap, where
+from kvmpy.testing.require import require_cap, skip_missing, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemoryAttribute, kvm_pre_fault_memory
 from kvmpy.vcpu import Vcpu
 from kvmpy.vm import Vm
@@ -79,8 +79,9 @@ class Setup:
             if self.private:
                 attrs = supported_attributes(vm)
                 if not attrs & MemoryAttribute.PRIVATE:
-                    pytest.skip(f"KVM_CAP_MEMORY_ATTRIBUTES={attrs:#x} (private variant needs "
-                                f"KVM_MEMORY_ATTRIBUTE_PRIVATE) on {where(vm)}")
+                    skip_missing(vm, "private_attributes",
+                                 f"KVM_CAP_MEMORY_ATTRIBUTES={attrs:#x} (private variant needs "
+                                 f"KVM_MEMORY_ATTRIBUTE_PRIVATE) on {where(vm)}")
                 if not memslot_accepts_guest_memfd(vm):
                     pytest.skip(f"KVM_CAP_GUEST_MEMFD={vm.check_extension(Cap.GUEST_MEMFD):#x} "
                                 f"(KVM_MEM_GUEST_MEMFD memslots) on {where(vm)}")

@@ -160,3 +160,39 @@ def test_cli_help_lists_run() -> None:
                        text=True, timeout=60)
     assert r.returncode == 0
     assert "--ktap" in r.stdout and "--junit" in r.stdout and "Exit: 0 pass" in r.stdout
+
+
+NOT_APPLICABLE = """
+import pytest
+from kvmpy.testing.require import NOT_APPLICABLE
+
+def test_na(backend_name):
+    pytest.skip(NOT_APPLICABLE + "ruled out by design; KVM_CAP_X=0x0")
+
+def test_real_skip(backend_name):
+    pytest.skip("KVM_CAP_PRE_FAULT_MEMORY=0x0 on a KVM_X86_DEFAULT_VM on emulated KVM (fake)")
+
+def test_resource(backend_name):
+    pytest.skip("host has 1 NUMA node(s)")
+
+def test_ok(backend_name):
+    pass
+"""
+
+
+def test_not_applicable_is_counted_apart(tmp_path: Path) -> None:
+    """A not-applicable skip is not a skip in the summary's closing line; the real skips are
+    grouped by what is missing, without the where; KTAP and JUnit carry the same split."""
+    (tmp_path / "test_na.py").write_text(NOT_APPLICABLE)
+    r = kvmpy_run(tmp_path, "--backend", "emu", "-n", "0", "--junit", "j.xml", "--ktap",
+                  "k.ktap", "test_na.py")
+    assert r.returncode == EXIT_PASS, r.stdout + r.stderr
+    out = r.stdout
+    assert out.rstrip().splitlines()[-1] == "kvmpy: 1 passed, 0 failed, 2 skipped", out
+    assert "kvmpy: 1 not applicable (counted apart from the skips)" in out
+    assert "missing capability of this kernel" in out and "missing machine resource" in out
+    assert "   1  KVM_CAP_PRE_FAULT_MEMORY=0x0\n" in out, out
+    ktap = (tmp_path / "k.ktap").read_text()
+    assert "# kvmpy: of the skips, 1 not applicable" in ktap and "skip:3" in ktap
+    props = [(p.get("name"), p.get("value")) for p in ET.parse(tmp_path / "j.xml").iter("property")]
+    assert props.count(("outcome", "not_applicable")) == 1, props

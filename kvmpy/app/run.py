@@ -15,6 +15,7 @@ import argparse
 import io
 import os
 import platform
+import re
 import sys
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from ..testing.ktap import OUTCOMES, Result, Results
+from ..testing.require import NOT_APPLICABLE
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_SKIP, EXIT_NO_TESTS = 0, 1, 2, 4, 5
 
@@ -197,12 +199,14 @@ class Progress:
         from rich.text import Text
 
         c = self.results.counts()
-        done = sum(c.values())
+        done = sum(c[o] for o in OUTCOMES)
         t = Text()
         t.append(f"[{done}/{self.total or '?'}] ")
         t.append(f"pass {c['pass']} ", style="green")
         t.append(f"fail {c['fail'] + c['error']} ", style="red" if c["fail"] + c["error"] else "")
-        t.append(f"skip {c['skip']} ", style="yellow")
+        t.append(f"skip {c['skip'] - c['na']} ", style="yellow")
+        if c["na"]:
+            t.append(f"n/a {c['na']} ", style="dim")
         if c["xfail"] or c["xpass"]:
             t.append(f"xfail {c['xfail']} xpass {c['xpass']} ")
         t.append(f"{time.monotonic() - self.started:.0f}s  ", style="dim")
@@ -296,6 +300,20 @@ def exit_code(counts: dict[str, int], pytest_rc: int) -> int:
     return EXIT_PASS
 
 
+_WHERE = re.compile(r" on (a KVM_X86_\w+_VM on )?(real KVM|emulated KVM)\b.*$")
+
+
+def _what_is_missing(reason: str) -> str:
+    """A skip reason without where it happened (the VM type and backend are in the test id),
+    so skips group by what is missing."""
+    return _WHERE.sub("", reason)
+
+
+def _kind(missing: str) -> str:
+    return ("capability of this kernel" if missing.startswith(("KVM_", "GUEST_MEMFD_"))
+            else "machine resource or other")
+
+
 def print_summary(console: Any, results: Results, pytest_rc: int, elapsed: float,
                   outputs: list[str]) -> None:
     from rich.markup import escape
@@ -309,23 +327,38 @@ def print_summary(console: Any, results: Results, pytest_rc: int, elapsed: float
         if len(detail) > 60:
             detail = [f"... ({len(detail) - 60} lines above)", *detail[-60:]]
         console.print("\n".join(detail) or r.reason, markup=False, highlight=False)
-    skips = Counter(r.reason for r in done if r.outcome == "skip")
-    if skips:
-        console.rule("skipped (reason: count)", style="yellow")
-        for reason, n in skips.most_common():
+    na = Counter(_what_is_missing(r.reason.removeprefix(NOT_APPLICABLE)) for r in done
+                 if r.not_applicable)
+    if na:
+        console.rule("not applicable: ruled out by x86 KVM's design on any kernel (count)",
+                     style="dim")
+        for reason, n in na.most_common():
             console.print(f"{n:4}  {reason}", markup=False, highlight=False)
+    skips = Counter(_what_is_missing(r.reason) for r in done
+                    if r.outcome == "skip" and not r.not_applicable)
+    if skips:
+        for kind in ("capability of this kernel", "machine resource or other"):
+            rows = [(m, n) for m, n in skips.most_common() if _kind(m) == kind]
+            if rows:
+                console.rule(f"skipped: missing {kind} (count)", style="yellow")
+                for reason, n in rows:
+                    console.print(f"{n:4}  {reason}", markup=False, highlight=False)
 
     backends = sorted({r.backend for r in done}, key=lambda b: (b == "", b))
     t = Table(title=f"results ({elapsed:.1f} s)", title_justify="left")
     t.add_column("backend")
-    for o in OUTCOMES:
+    cols = (*OUTCOMES, "n/a")
+    for o in cols:
         t.add_column(o, justify="right")
+
+    def row(c: dict[str, int]) -> list[str]:
+        return [str(c[o] - (c["na"] if o == "skip" else 0)) if o != "n/a" else str(c["na"])
+                for o in cols]
+
     for b in backends:
-        c = results.counts(b)
-        t.add_row(escape(f"[{b}]") if b else "(no backend)", *(str(c[o]) for o in OUTCOMES))
+        t.add_row(escape(f"[{b}]") if b else "(no backend)", *row(results.counts(b)))
     if len(backends) > 1:
-        c = results.counts()
-        t.add_row("all", *(str(c[o]) for o in OUTCOMES))
+        t.add_row("all", *row(results.counts()))
     if done:
         console.print(t)
     if failed:
@@ -381,7 +414,11 @@ def run(args: argparse.Namespace) -> int:
     # The plain closing line CI log readers understand ("N passed, N failed, N skipped"); xfail and
     # xpass are in the table above.
     c = progress.results.counts()
-    console.print(f"kvmpy: {c['pass']} passed, {c['fail'] + c['error']} failed, {c['skip']} skipped",
+    if c["na"]:
+        console.print(f"kvmpy: {c['na']} not applicable (counted apart from the skips)",
+                      markup=False, highlight=False)
+    console.print(f"kvmpy: {c['pass']} passed, {c['fail'] + c['error']} failed, "
+                  f"{c['skip'] - c['na']} skipped",
                   markup=False, highlight=False)
     return code
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from .require import NOT_APPLICABLE
+
 #: Outcome names, in the order of the kselftest ``# Totals`` line.
 OUTCOMES = ("pass", "fail", "xfail", "xpass", "skip", "error")
 
@@ -39,6 +41,11 @@ class Result:
     #: failure/error detail (the report's long representation)
     detail: str = ""
     duration: float = 0.0
+
+    @property
+    def not_applicable(self) -> bool:
+        """A skip that x86 KVM's design rules out on any kernel (kvmpy.testing.require)."""
+        return self.outcome == "skip" and self.reason.startswith(NOT_APPLICABLE)
 
     @property
     def backend(self) -> str:
@@ -144,10 +151,12 @@ class Results:
         return [self.by_id[n] for n in self.order if self.by_id[n].outcome]
 
     def counts(self, backend: str | None = None) -> dict[str, int]:
-        c = dict.fromkeys(OUTCOMES, 0)
+        """Outcome counts; ``skip`` includes the not-applicable ones, also counted in ``na``."""
+        c = dict.fromkeys((*OUTCOMES, "na"), 0)
         for r in self.finished():
             if backend is None or r.backend == backend:
                 c[r.outcome] += 1
+                c["na"] += r.not_applicable
         return c
 
 
@@ -198,6 +207,10 @@ def render(results: Results, header: list[str], unfinished: list[str] | None = N
         lines.append(f"not ok {n} {_name(nodeid)} # error: did not run")
     if bail_out:
         lines.append(f"Bail out! {_directive_text(bail_out)}")
+    # kselftest's Totals has no such outcome: the split is a comment line before it.
+    lines.append(f"# kvmpy: of the skips, {counts['na']} not applicable (ruled out by x86 KVM's "
+                 f"design on any kernel), {counts['skip'] - counts['na']} for a missing "
+                 "capability or resource")
     lines.append(totals_line(counts))
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -28,6 +28,7 @@ from ..backend.select import (
 from ..errors import KvmUnavailable
 from ..system import Kvm
 from .known_issues import known_issue
+from .require import NOT_APPLICABLE
 
 BACKENDS = BACKEND_CHOICES
 
@@ -125,6 +126,19 @@ def kvm(backend: Backend) -> Iterator[Kvm]:
         pytest.skip(str(e))
     with k:
         yield k
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item,
+        call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A not-applicable skip carries a JUnit property of its own (outcome: not_applicable)."""
+    report: pytest.TestReport = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and \
+            str(report.longrepr[2]).removeprefix("Skipped: ").startswith(NOT_APPLICABLE):
+        item.user_properties.append(("outcome", "not_applicable"))
+        report.user_properties = list(item.user_properties)
+    return report
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
