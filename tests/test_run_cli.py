@@ -196,3 +196,23 @@ def test_not_applicable_is_counted_apart(tmp_path: Path) -> None:
     assert "# kvmpy: of the skips, 1 not applicable" in ktap and "skip:3" in ktap
     props = [(p.get("name"), p.get("value")) for p in ET.parse(tmp_path / "j.xml").iter("property")]
     assert props.count(("outcome", "not_applicable")) == 1, props
+
+
+@pytest.mark.parametrize("types,noted", [(["KVM_X86_DEFAULT_VM"], True),
+                                         (["KVM_X86_DEFAULT_VM", "KVM_X86_SW_PROTECTED_VM"], False)],
+                         ids=["no_private_mem", "sw_protected"])
+def test_header_says_what_only_the_emulator_covers(monkeypatch: pytest.MonkeyPatch,
+                                                   types: list[str], noted: bool) -> None:
+    from kvmpy import caps
+    from kvmpy.app import run as run_mod
+    from kvmpy.backend import select
+
+    rep = caps.CapReport("real KVM (fake)", "6.x", 12, {}, {}, types, 0)
+    monkeypatch.setattr(caps, "probe", lambda backend: rep)
+    monkeypatch.setattr(select, "make_backend", lambda *a: None)
+    monkeypatch.setattr(select, "kvm_available", lambda: (False, "fake"))
+    lines = run_mod.header_lines(["kvm"], "kvm")
+    note = [ln for ln in lines if ln.startswith("note ")]
+    assert bool(note) == noted, lines
+    if noted:
+        assert "ci/vm-run --kernel" in note[0] and "--backend both" in note[0]

@@ -171,11 +171,21 @@ def header_lines(backends: list[str], choice: str, emu_profile: str | None = Non
         flags = "|".join(_flag_names(rep.guest_memfd_flags)) or "none"
         lines.append(f"[{name}]     {rep.backend}: VM types {', '.join(rep.vm_types) or 'none'}; "
                      f"guest_memfd flags {rep.guest_memfd_flags:#x} ({flags})")
+        if name == "kvm" and "KVM_X86_SW_PROTECTED_VM" not in rep.vm_types:
+            lines.append(_NO_PRIVATE_MEM + ("" if "emu" in backends else
+                                            " Add the emulated KVM with --backend both."))
     if "kvm" in backends:
         from ..testing.health import describe
 
         lines.append(describe())
     return lines
+
+
+_NO_PRIVATE_MEM = (
+    "note      this KVM has no KVM_X86_SW_PROTECTED_VM: the private-memory part of the suite "
+    "(the sw_protected cases, memory attributes, conversions, KVM_EXIT_MEMORY_FAULT) skips on "
+    "real KVM here and runs only on the emulated KVM. For real KVM, boot a kernel with "
+    "CONFIG_KVM_SW_PROTECTED_VM in a VM: ci/vm-run --kernel BZIMAGE (docs/running.md).")
 
 
 # -- live progress -----------------------------------------------------------------------------
