@@ -1,7 +1,17 @@
 """guest_memfd files of the emulated KVM (api.rst 4.141 KVM_CREATE_GUEST_MEMFD).
 
-The file the caller holds is a real memfd (os.memfd_create) whose bytes at offset o ARE the
-guest_memfd's private contents at o, so the vCPU maps it and punch-holes zero it for real.
+Two files per guest_memfd. The contents live in a memfd only the emulator holds (``mem_fd``:
+its bytes at offset o ARE the guest_memfd's contents at o, so the vCPU maps it and punch-holes
+zero it for real); it is sealed against resizing, so nothing can make the emulator's mappings
+of it SIGBUS. The caller gets ``fd``, a *handle*: a file the kernel itself refuses raw
+ftruncate/read/write/pread/pwrite on, since such calls never reach the backend. Preferably a
+memfd_secret(2) file: like guest_memfd an S_IFREG pseudo-file with no read/write/setattr-size
+(mm/secretmem.c), so the kernel answers exactly what virt/kvm/guest_memfd.c does - ftruncate
+EINVAL (secretmem_setattr once i_size is set; kvm_gmem_setattr always), read/write EINVAL and
+pread/pwrite ESPIPE (a pseudo file is not FMODE_CAN_READ/PREAD), open(/proc/self/fd/N) ENXIO.
+Without memfd_secret, a sealed memfd opened write-only (refused, other errnos; docs/emulator.md).
+The backend knows the handle by its inode, so dup()s and SCM_RIGHTS copies are the same file.
+
 File semantics follow virt/kvm/guest_memfd.c: fallocate needs FALLOC_FL_KEEP_SIZE and allows
 only PUNCH_HOLE besides, page-aligned ranges, allocation inside i_size; no read/write; mmap only
 with GUEST_MEMFD_FLAG_MMAP and MAP_SHARED; host faults SIGBUS unless the memory is shared.
@@ -10,6 +20,7 @@ with GUEST_MEMFD_FLAG_MMAP and MAP_SHARED; host faults SIGBUS unless the memory 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from typing import TYPE_CHECKING
 
@@ -19,7 +30,7 @@ from ...uapi import (
     PAGE_SIZE,
     GuestMemfdFlag,
 )
-from ._libc import libc_fallocate, libc_mmap
+from ._libc import libc, libc_fallocate, libc_mmap
 
 if TYPE_CHECKING:
     from .vm import EmuMemslot, EmuVm
@@ -31,10 +42,64 @@ LLONG_MAX = (1 << 63) - 1
 MAP_TYPE = 0x0F
 MAP_SHARED = 0x01
 MAP_SHARED_VALIDATE = 0x03
+SYS_memfd_secret = 447          # x86-64 (arch/x86/entry/syscalls/syscall_64.tbl)
+# Seals that keep a memfd's size fixed for good (include/uapi/linux/fcntl.h).
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+# Which kind of handle new guest_memfds get: "secret" (memfd_secret, when the kernel offers
+# it) or "sealed" (the fallback); tests force the fallback through this.
+handle_kind = "secret"
+
+
+def _memfd_secret() -> int:
+    """A memfd_secret(2) fd, or -1 where the kernel lacks it (ENOSYS, or secretmem disabled)."""
+    fd = int(libc.syscall(SYS_memfd_secret, os.O_CLOEXEC))
+    return fd if fd >= 0 else -1
+
+
+def make_handle(size: int) -> tuple[int, str]:
+    """The fd the caller holds for a guest_memfd of ``size`` bytes, and its kind. Its fstat
+    shows size, a regular file, mode 0600 and PAGE_SIZE blocks, as kvm_gmem_create()'s
+    inode does (alloc_anon_inode() mode S_IRUSR|S_IWUSR, then S_IFREG)."""
+    if handle_kind == "secret":
+        fd = _memfd_secret()
+        if fd >= 0:
+            try:
+                # The first size change is the only one secretmem allows.
+                os.ftruncate(fd, size)
+                os.fchmod(fd, 0o600)
+                return fd, "secret"
+            except OSError:
+                os.close(fd)
+    mfd = os.memfd_create("kvm-gmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(mfd, size)
+        os.fchmod(mfd, 0o600)
+        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS,
+                    F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL)
+        # Write-only: read is EBADF; writes, resizes and writable mmaps are refused by the
+        # seals (EPERM) or the open mode (EACCES).
+        fd = os.open(f"/proc/self/fd/{mfd}", os.O_WRONLY | os.O_CLOEXEC)
+    finally:
+        os.close(mfd)
+    return fd, "sealed"
+
+
+def _contents_file(size: int) -> int:
+    """The memfd holding the contents, sealed at ``size``: even an fd reopened through
+    /proc/self/map_files cannot shrink it under the emulator's mappings (SIGBUS)."""
+    fd = os.memfd_create("kvm-gmem-contents", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class EmuGmem:
-    """One guest_memfd: ``fd`` (the real memfd), ``size``, ``flags`` and its ``vm``.
+    """One guest_memfd: ``fd`` (the caller's handle), ``mem_fd`` (the contents), ``size``,
+    ``flags`` and its ``vm``.
 
     Holding ``vm`` keeps the VM alive after its fd closes (the kernel's file takes a reference
     on the kvm in __kvm_gmem_create()). ``bindings`` maps a memslot key (as_id << 16 | id) to
@@ -45,8 +110,12 @@ class EmuGmem:
         self.vm = vm
         self.size = size
         self.flags = flags
-        self.fd = os.memfd_create("kvm-gmem", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        self.mem_fd = _contents_file(size)
+        try:
+            self.fd, self.handle_kind = make_handle(size)
+        except BaseException:
+            os.close(self.mem_fd)
+            raise
         self.bindings: dict[int, EmuMemslot] = {}
         self.closed = False
         self._sigbus_fd = -1
@@ -93,7 +162,7 @@ class EmuGmem:
                 # A hole past i_size is a no-op success.
                 ranges = self.bound_gpa_ranges(offset, end)
                 if offset < self.size:
-                    libc_fallocate(self.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                    libc_fallocate(self.mem_fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
                                    offset, min(end, self.size) - offset)
                 for lo, hi in ranges:
                     self.vm.invalidate(lo, hi)
@@ -101,7 +170,7 @@ class EmuGmem:
             # kvm_gmem_allocate(): the range must lie inside the file.
             if end > self.size:
                 raise OSError(errno.EINVAL, "guest_memfd allocation past i_size")
-            libc_fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+            libc_fallocate(self.mem_fd, FALLOC_FL_KEEP_SIZE, offset, length)
             for lo, hi in self.bound_gpa_ranges(offset, end):
                 self.vm.invalidate(lo, hi)
 
@@ -119,7 +188,7 @@ class EmuGmem:
         if flags & MAP_TYPE not in (MAP_SHARED, MAP_SHARED_VALIDATE):
             raise OSError(errno.EINVAL, "guest_memfd can only be mapped MAP_SHARED")
         if self.flags & GuestMemfdFlag.INIT_SHARED:
-            return libc_mmap(addr, length, prot, flags, self.fd, offset)
+            return libc_mmap(addr, length, prot, flags, self.mem_fd, offset)
         return libc_mmap(addr, length, prot, flags, self.sigbus_fd(), offset)
 
     def sigbus_fd(self) -> int:
@@ -140,3 +209,6 @@ class EmuGmem:
         if self._sigbus_fd >= 0:
             os.close(self._sigbus_fd)
             self._sigbus_fd = -1
+        # Mappings of the contents (the caller's, the vCPUs') keep the pages alive.
+        os.close(self.mem_fd)
+        self.mem_fd = -1

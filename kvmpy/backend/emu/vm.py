@@ -287,7 +287,7 @@ class EmuVm:
                         err = errno.EFAULT
                         break
                     off = slot.gmem_offset + gpa - slot.gpa
-                    libc_fallocate(g.fd, FALLOC_FL_KEEP_SIZE, off, end - gpa)
+                    libc_fallocate(g.mem_fd, FALLOC_FL_KEEP_SIZE, off, end - gpa)
                 size -= end - gpa
                 gpa = end
         if err and size == full:

@@ -154,7 +154,7 @@ class SlotMap:
         if self.direct:
             if gmem is not None:
                 self.gmem_view = libc_mmap(0, slot.size, PROT_READ | PROT_WRITE, MAP_SHARED,
-                                           gmem.fd, slot.gmem_offset)
+                                           gmem.mem_fd, slot.gmem_offset)
         else:
             self.window = libc_mmap(0, slot.size, PROT_NONE,
                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -208,7 +208,7 @@ class SlotMap:
         if st == GMEM:
             assert slot.gmem is not None
             libc_mmap(self.window + off, length, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_FIXED, slot.gmem.fd, slot.gmem_offset + off)
+                      MAP_SHARED | MAP_FIXED, slot.gmem.mem_fd, slot.gmem_offset + off)
             return
         for seg in self.segs:
             s, e = max(off, seg.lo), min(off + length, seg.hi)

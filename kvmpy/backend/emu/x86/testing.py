@@ -66,6 +66,11 @@ class FakeGmem:
     flags: int = 0
     vm: Any = None
 
+    @property
+    def mem_fd(self) -> int:
+        """The contents file (EmuGmem keeps it apart from the caller's handle ``fd``)."""
+        return self.fd
+
 
 @dataclass(eq=False)
 class FakeVm:
