@@ -508,6 +508,22 @@ def test_differential(probe: Callable[[Kvm, Rec], None]) -> None:
     assert emu == real
 
 
+def probe_unknown_ioctls(kvm: Kvm, r: Rec) -> None:
+    """Ioctl numbers no KVM defines, and a foreign type, on each kind of KVM fd (issue 11
+    item 13): kvm_arch_dev_ioctl() / kvm_arch_vm_ioctl() / kvm_vcpu_ioctl() defaults."""
+    b = kvm.backend
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for req in (0xAEFF, 0xC008AEFF, 0xAE10, 0x5401):
+            for name, fd in (("sys", kvm.fd), ("vm", vm.fd), ("vcpu", vcpu.fd)):
+                r.call(f"{name} ioctl {req:#x}", lambda fd=fd, req=req: b.ioctl(fd, req, 0))
+
+
+def test_differential_unknown_ioctls() -> None:
+    real, emu = differential(probe_unknown_ioctls)
+    assert len(real) == 12 and emu == real
+
+
 def test_differential_pre_fault() -> None:
     """KVM_PRE_FAULT_MEMORY is a vCPU ioctl (emulated vCPUs are a hard dependency: no skip)."""
     real, emu = differential(probe_pre_fault)

@@ -73,6 +73,21 @@ def _ioc_type(request: int) -> int:
     return (request >> 8) & 0xFF
 
 
+# The _IOC_NR of every KVMIO ioctl in the 6.12 uAPI (include/uapi/linux/kvm.h,
+# arch/x86/include/uapi/asm/kvm.h). Such a request the emulator does not answer is
+# NotModelled; any other number cannot be a KVM ioctl and gets the kernel's default errno.
+KVM_IOCTL_NRS = frozenset([0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x09, 0x0A, 0x41, 0x42,
+                           0x44, 0x45, 0x46, 0x47, 0x48, 0x49, 0x50, 0x51, 0x52,
+                           *range(0x60, 0x69), 0x6A, 0x71, *range(0x76, 0x7D),
+                           *range(0x80, 0x87), *range(0x88, 0xD3), 0xD4, 0xD5,
+                           *range(0xE0, 0xE4)])
+
+
+def is_kvm_ioctl(request: int) -> bool:
+    """Whether ``request`` is (by type and number) an ioctl the kernel's KVM defines."""
+    return _ioc_type(request) == KVMIO and request & 0xFF in KVM_IOCTL_NRS
+
+
 class EmuBackend(Backend):
     """The emulated KVM. ``profile``: "upstream" (default), "6.12", "host", or a Profile."""
 
@@ -143,15 +158,18 @@ class EmuBackend(Backend):
         if obj is None:
             return libc_ioctl(fd, request, addr)
         if isinstance(obj, EmuVcpuFd):
+            if _ioc_type(request) != KVMIO:
+                # kvm_vcpu_ioctl(): "if (unlikely(_IOC_TYPE(ioctl) != KVMIO)) return -EINVAL".
+                raise OSError(errno.EINVAL, f"ioctl {request:#x} is not a KVM ioctl")
             if request == R.KVM_PRE_FAULT_MEMORY:
                 return self._pre_fault(obj, addr)
             return obj.vcpu.ioctl(request, addr)
         if isinstance(obj, EmuGmem):
             # kvm_gmem_fops has no unlocked_ioctl.
             raise OSError(errno.ENOTTY, "guest_memfd has no ioctls")
-        if _ioc_type(request) != KVMIO:
-            # Unknown ioctls fall to the arch handlers: kvm_arch_dev_ioctl() answers EINVAL,
-            # kvm_arch_vm_ioctl() ENOTTY.
+        if not is_kvm_ioctl(request):
+            # Unknown ioctls fall to the arch handlers' defaults: kvm_arch_dev_ioctl() answers
+            # EINVAL, kvm_arch_vm_ioctl() ENOTTY (arch/x86/kvm/x86.c).
             raise OSError(errno.EINVAL if isinstance(obj, EmuSystem) else errno.ENOTTY,
                           f"ioctl {request:#x} is not a KVM ioctl")
         if isinstance(obj, EmuSystem):

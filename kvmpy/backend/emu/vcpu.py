@@ -38,6 +38,7 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn import UcError
 
+from ...errors import NotModelled
 from ...uapi import (
     PAGE_SIZE,
     ExitReason,
@@ -206,7 +207,13 @@ class EmuVcpu:
             if request == Ioctl.KVM_ENABLE_CAP:
                 # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled.
                 raise OSError(errno.EINVAL, "KVM_ENABLE_CAP on a vCPU: no vCPU cap is modelled")
-        raise OSError(errno.ENOTTY, f"emulated vCPU: unknown ioctl {request:#x}")
+        from .backend import is_kvm_ioctl
+
+        if is_kvm_ioctl(request):
+            raise NotModelled(f"{Ioctl.name_of(request)} on a vCPU fd is not modelled by the "
+                              "emulated KVM")
+        # kvm_arch_vcpu_ioctl() (arch/x86/kvm/x86.c): "default: r = -EINVAL".
+        raise OSError(errno.EINVAL, f"emulated vCPU: unknown ioctl {request:#x}")
 
     # ================================================================ registers
     def _get_regs(self) -> kvm_regs:
