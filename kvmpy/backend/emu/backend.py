@@ -117,7 +117,11 @@ class EmuBackend(Backend):
     def _lookup(self, fd: int) -> _Obj | None:
         try:
             st = os.fstat(fd)
-        except (OSError, OverflowError):
+        except OverflowError:
+            return None
+        except OSError as e:
+            if e.errno is None:
+                raise       # a signal handler's exception (TimeoutError), not fstat's
             return None
         return self._objs.get((st.st_dev, st.st_ino))
 
@@ -406,12 +410,18 @@ class EmuBackend(Backend):
             return False
         try:
             names = os.listdir("/proc/self/fd")
-        except OSError:
+        except OSError as e:
+            if e.errno is None:
+                raise
             return False
         for name in names:
             try:
                 st = os.fstat(int(name))
-            except (OSError, ValueError):
+            except OSError as e:
+                if e.errno is None:
+                    raise
+                continue
+            except ValueError:
                 continue
             if (st.st_dev, st.st_ino) == key:
                 return True

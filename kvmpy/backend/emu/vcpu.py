@@ -56,6 +56,7 @@ from ...uapi import (
 )
 from ...uapi.ioctls import Ioctl
 from ._libc import copy_from_user, copy_to_user
+from .sigwatch import SignalWatch
 from .x86 import engine as E
 from .x86.events import HAS_ERROR_CODE, CpuState, Event, TripleFault, deliver
 from .x86.paging import GuestFault, PagingMode, make_read64, translate
@@ -144,6 +145,9 @@ class EmuVcpu:
         self._slice = 50_000
         self._ensured_cr3 = -1
         self._quiet_stops = 0
+        self._sig: SignalWatch | None = None
+        # An engine stop not handled yet because a signal handler raised first.
+        self._deferred: tuple[Any, ...] | None = None
         self._pf_retry: tuple[int, int] | None = None
         # RF can only be set by a delivered fault's frame (via IRETQ) or by KVM_SET_REGS.
         self._rf_possible = False
@@ -497,29 +501,38 @@ class EmuVcpu:
             raise OSError(errno.EINVAL, "emulated KVM cannot run this vCPU state: "
                           f"{self._mode_problem}; only 64-bit long mode at CPL 0 is modelled")
         self._ran = True
-        if self._mp_state != MpState.RUNNABLE:
-            return self._block()
-        self.sched.acquire(self)
-        try:
-            return self._loop()
-        finally:
-            self.sched.release()
+        with SignalWatch() as self._sig:
+            try:
+                if self._mp_state != MpState.RUNNABLE:
+                    return self._block()
+                self.sched.acquire(self)
+                try:
+                    return self._loop()
+                finally:
+                    self.sched.release()
+            finally:
+                self._sig = None
 
     def _exit(self, reason: int) -> int:
         self.run.exit_reason = reason
         return 0
 
-    def _intr(self) -> int:
+    def _intr(self, why: str = "kick") -> int:
         self._kicked = False
         self.run.exit_reason = ExitReason.INTR
-        raise OSError(errno.EINTR, "KVM_RUN interrupted (kick)")
+        raise OSError(errno.EINTR, f"KVM_RUN interrupted ({why})")
+
+    def _interrupted(self) -> bool:
+        """A kick, or a signal delivered since KVM_RUN began (kvm_handle_signal_exit())."""
+        sig = self._sig
+        return self._kicked or (sig is not None and sig.fired())
 
     def _block(self) -> int:
         """A halted vCPU with an in-kernel irqchip waits for an event; no interrupt source is
-        modelled, so only a kick ends the wait (-EINTR)."""
-        while not self._kicked:
+        modelled, so only a kick or a signal ends the wait (-EINTR)."""
+        while not self._interrupted():
             time.sleep(0.001)
-        return self._intr()
+        return self._intr("kick" if self._kicked else "signal")
 
     def _loop(self) -> int:
         self._run_thread = threading.get_ident()
@@ -551,8 +564,14 @@ class EmuVcpu:
                 self.phys.flush_needed = False
                 uc.ctl_flush_tb()
                 self._plain_in.clear()
-            if self._kicked:
-                return self._intr()
+            if self._interrupted():
+                return self._intr("kick" if self._kicked else "signal")
+            if self._deferred is not None:
+                ev, self._deferred = self._deferred, None
+                r = self._handle(ev, 0)
+                if r is not None:
+                    return r
+                continue
             if self._preempt:
                 self._preempt = False
                 if self.sched.contended:
@@ -583,6 +602,18 @@ class EmuVcpu:
                 uc.emu_start(rip, 0, 0, self._slice)
             except UcError as e:
                 err = e.errno
+                hook_exc = uc._hook_exception
+                if hook_exc is not None:
+                    # A hook raised (a Python signal handler that ran inside it): unicorn's
+                    # binding reports the stop's UcError and drops the exception. It is the
+                    # caller's, unchanged; the instruction at RIP is simply re-run next time.
+                    uc._hook_exception = None
+                    self._defer_stop()
+                    raise hook_exc from None
+            except BaseException:
+                # A signal handler raised as the engine stopped: propagate it, keep the stop.
+                self._defer_stop()
+                raise
             self._leave_guest()
             n = self._counter.value
             if self._rf_possible and (n >= 2 or (n == 1 and not err and (
@@ -604,6 +635,14 @@ class EmuVcpu:
             r = self._handle(self._ev, err)
             if r is not None:
                 return r
+
+    def _defer_stop(self) -> None:
+        """Keep an event a hook recorded for the next KVM_RUN (an OUT already retired must
+        still exit); with no event the engine state is complete and RIP is simply re-run."""
+        self._leave_guest()
+        if self._ev is not None:
+            self._deferred = self._ev
+            self._ev = None
 
     def _handle(self, ev: tuple[Any, ...] | None, err: int) -> int | None:
         """Turn one engine stop into an exit (returned), or None to keep running."""
