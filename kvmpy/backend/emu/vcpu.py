@@ -567,8 +567,8 @@ class EmuVcpu:
             if self._interrupted():
                 return self._intr("kick" if self._kicked else "signal")
             if self._deferred is not None:
-                ev, self._deferred = self._deferred, None
-                r = self._handle(ev, 0)
+                stop, self._deferred = self._deferred, None
+                r = self._handle(stop, 0)
                 if r is not None:
                     return r
                 continue

@@ -113,8 +113,8 @@ def _host_segments(hva: int, size: int, fds: dict[tuple[int, int], int]) -> list
                 try:
                     fd = os.open(f"/proc/self/map_files/{lo:x}-{hi:x}", os.O_RDWR | os.O_CLOEXEC)
                     fds[key] = fd
-                except OSError as e:
-                    if e.errno is None:
+                except OSError as oe:
+                    if oe.errno is None:
                         raise       # a signal handler's exception (TimeoutError): the caller's
                     fd = -1
             if fd >= 0:
