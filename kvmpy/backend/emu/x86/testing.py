@@ -101,12 +101,16 @@ class FakeVm:
 
     def set_slot(self, slot: int, gpa: int, size: int, hva: int, gmem: Any = None,
                  gmem_offset: int = 0, flags: int = 0) -> None:
-        old = self.memslots.pop(slot, None)
+        # One swap under the lock, as KVM installs a new memslot array: a vCPU resolving a
+        # fault in between must not see the slot missing (it would exit as MMIO).
+        with self.lock:
+            old = self.memslots.pop(slot, None)
+            if size:
+                self.memslots[slot] = EmuMemslot(slot, 0, flags | (4 if gmem else 0), gpa,
+                                                 size, hva, gmem, gmem_offset)
         if old is not None:
             self.invalidate(old.gpa, old.gpa + old.size)
         if size:
-            self.memslots[slot] = EmuMemslot(slot, 0, flags | (4 if gmem else 0), gpa, size,
-                                             hva, gmem, gmem_offset)
             self.invalidate(gpa, gpa + size)
 
     def set_private(self, gpa: int, size: int, private: bool) -> None:
