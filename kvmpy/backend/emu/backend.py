@@ -34,6 +34,7 @@ from ...uapi import (
 )
 from .. import Backend, IoctlArg
 from ..host import arg_pointer
+from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
 from ._libc import (
     copy_from_user,
     copy_to_user,

@@ -32,6 +32,7 @@ def _forget_pipe() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pipe)
+# Made at import (with the backend), not during the first run: it lives as long as the process.
 
 
 def _get_pipe() -> tuple[int, int]:
@@ -102,3 +103,6 @@ class SignalWatch:
                 if e.errno is None:
                     raise           # a signal handler's exception (TimeoutError), not write's
                 # Its buffer is full: Python's own handler drops the byte then too.
+
+
+_get_pipe()
