@@ -195,3 +195,64 @@ def test_mmap_flag_copy_maps_contents(handle_kind: str) -> None:
         b.munmap(a, PAGE)
         b.close(fd2)
         vm.close()
+
+
+def _nfds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _contents_fds() -> list[str]:
+    """fds of this process open on an emulated guest_memfd's contents or SIGBUS file."""
+    out = []
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{n}")
+        except FileNotFoundError:       # listdir's own fd
+            continue
+        if "kvm-gmem-contents" in link or "kvm-gmem-private" in link:
+            out.append(f"{n} -> {link}")
+    return out
+
+
+def test_one_fd_per_guest_memfd(handle_kind: str) -> None:
+    """The caller sees one fd per guest_memfd, as with real KVM (kvm_gmem_create() installs
+    one file): the contents memfd (and the empty file behind a non-shared mmap) are held as
+    mappings, and the fds the emulator opens of them for mmap, fallocate, punch-hole and
+    fstat are closed again."""
+    with Kvm(EmuBackend()) as k:
+        vm, _ = _emu_gmem(k, 0, PAGE)
+        before = _nfds()
+        gs = [vm.create_guest_memfd(4 * PAGE, flags)  # type: ignore[attr-defined]
+              for flags in (GuestMemfdFlag.MMAP, 0) * 4]
+        assert _nfds() - before == 8
+        for g in gs:
+            g.fallocate(0, 4 * PAGE)
+            g.punch_hole(0, PAGE)
+            assert g.fstat().st_blocks == 3 * PAGE // 512
+            if g.flags & GuestMemfdFlag.MMAP:
+                g.mmap().close()
+        assert _nfds() - before == 8
+        for g in gs:
+            g.close()
+        assert _nfds() == before
+        vm.close()  # type: ignore[attr-defined]
+
+
+def test_one_fd_per_guest_memfd_vcpu() -> None:
+    """A vCPU running on private guest_memfd memory maps the contents without keeping an fd."""
+    from kvmpy.backend.emu.gmem import EmuGmem
+    from kvmpy.backend.emu.x86.testing import FakeVm, Guest
+    from kvmpy.uapi import ExitReason
+
+    vm = FakeVm()
+    g = Guest(f"mov rbx, {GIB4}\nmov qword ptr [rbx], 7\nmov dx, 1\nout dx, al\nhlt", vm=vm)
+    gm = EmuGmem(vm, PAGE, 0)  # type: ignore[arg-type]
+    assert _contents_fds() == []
+    vm.set_slot(1, GIB4, PAGE, 0, gmem=gm)
+    vm.set_private(GIB4, PAGE, True)
+    assert g.h.run() == 0 and g.h.exit_reason == ExitReason.IO
+    assert _contents_fds() == []
+    with gm.contents() as fd:
+        assert os.pread(fd, 8, 0) == (7).to_bytes(8, "little")
+    vm.set_slot(1, GIB4, 0, 0)
+    os.close(gm.fd)

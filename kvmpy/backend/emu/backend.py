@@ -349,10 +349,11 @@ class EmuBackend(Backend):
     def fstat(self, fd: int) -> os.stat_result:
         st = os.fstat(fd)
         obj = self._lookup(fd)
-        if isinstance(obj, EmuGmem) and obj.mem_fd >= 0:
+        if isinstance(obj, EmuGmem) and not obj.closed:
             # The handle holds no pages; the contents file's allocation is the guest_memfd's.
             extra = {k: getattr(st, k) for k in _STAT_EXTRA}
-            extra["st_blocks"] = os.fstat(obj.mem_fd).st_blocks
+            with obj.contents() as cfd:
+                extra["st_blocks"] = os.fstat(cfd).st_blocks
             return os.stat_result(list(st), extra)
         return st
 

@@ -155,8 +155,8 @@ class SlotMap:
         self.perms = 5 if slot.flags & MemFlag.READONLY else 7   # UC_PROT_READ|EXEC / ALL
         if self.direct:
             if gmem is not None:
-                self.gmem_view = libc_mmap(0, slot.size, PROT_READ | PROT_WRITE, MAP_SHARED,
-                                           gmem.mem_fd, slot.gmem_offset)
+                self.gmem_view = gmem.map_contents(0, slot.size, PROT_READ | PROT_WRITE,
+                                                   MAP_SHARED, slot.gmem_offset)
         else:
             self.window = libc_mmap(0, slot.size, PROT_NONE,
                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -209,8 +209,8 @@ class SlotMap:
         slot = self.slot
         if st == GMEM:
             assert slot.gmem is not None
-            libc_mmap(self.window + off, length, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_FIXED, slot.gmem.mem_fd, slot.gmem_offset + off)
+            slot.gmem.map_contents(self.window + off, length, PROT_READ | PROT_WRITE,
+                                   MAP_SHARED | MAP_FIXED, slot.gmem_offset + off)
             return
         for seg in self.segs:
             s, e = max(off, seg.lo), min(off + length, seg.hi)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ....uapi import PAGE_SHIFT, Ioctl, kvm_regs, kvm_run, kvm_segment, kvm_sregs
+from .._libc import libc_mmap
 from ..attributes import AttributeMap
 from ..memslots import EmuMemslot
 
@@ -70,6 +71,10 @@ class FakeGmem:
     def mem_fd(self) -> int:
         """The contents file (EmuGmem keeps it apart from the caller's handle ``fd``)."""
         return self.fd
+
+    def map_contents(self, addr: int, length: int, prot: int, flags: int, offset: int) -> int:
+        """EmuGmem.map_contents(): an mmap of the contents."""
+        return libc_mmap(addr, length, prot, flags, self.fd, offset)
 
 
 @dataclass(eq=False)
