@@ -80,9 +80,24 @@ MASK64 = (1 << 64) - 1
 KVM_MAX_CPUID_ENTRIES = 256
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
-CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
-CR4_PAE, CR4_LA57 = 1 << 5, 1 << 12
-EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+CR0_PE, CR0_TS, CR0_ET, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 3, 1 << 4, 1 << 29, 1 << 30, 1 << 31
+CR4_PAE, CR4_LA57, CR4_PCIDE = 1 << 5, 1 << 12, 1 << 17
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
+# MSRs the emulated vCPU answers (arch/x86/include/asm/msr-index.h); every other RDMSR/WRMSR is
+# #GP(0). TSC, SYSENTER_CS/ESP/EIP, PAT, EFER, STAR, LSTAR, CSTAR, SFMASK, FS/GS/KERNEL_GS base,
+# TSC_AUX.
+MSR_STAR, MSR_LSTAR, MSR_SFMASK, MSR_PAT = 0xC0000081, 0xC0000082, 0xC0000084, 0x277
+MODELLED_MSRS = frozenset({0x10, 0x174, 0x175, 0x176, MSR_PAT, 0xC0000080, MSR_STAR, MSR_LSTAR,
+                           0xC0000083, MSR_SFMASK, 0xC0000100, 0xC0000101, 0xC0000102,
+                           0xC0000103})
+# kvm_set_msr_ignored_check() -> is_noncanonical_msr_address() for these.
+CANONICAL_MSRS = frozenset({0x175, 0x176, MSR_LSTAR, 0xC0000083, 0xC0000100, 0xC0000101,
+                            0xC0000102})
+
+
+def _canonical(va: int) -> bool:
+    top = va >> 47
+    return top in (0, (1 << 17) - 1)
 RFLAGS_FIXED = 0x2
 RFLAGS_RF = 1 << 16
 
@@ -168,6 +183,8 @@ class EmuVcpu:
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_unmapped)
+        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        E.enable_intercepts(uc)
 
     def __repr__(self) -> str:
         return f"<EmuVcpu {self.id}>"
@@ -414,6 +431,13 @@ class EmuVcpu:
         uc.reg_write_batch([(X.UC_X86_REG_RAX, a), (X.UC_X86_REG_RBX, b),
                             (X.UC_X86_REG_RCX, c), (X.UC_X86_REG_RDX, d)])
         return 1
+
+    def _on_syscall(self, uc: Any, ud: Any) -> None:
+        # With a hook, unicorn's helper_syscall only calls it and skips the instruction: the
+        # emulator performs SYSCALL itself (_syscall()).
+        if self._ev is None:
+            self._ev = ("syscall", self.regs.read(X.UC_X86_REG_RIP))
+        uc.emu_stop()
 
     def _on_intr(self, uc: Any, intno: int, ud: Any) -> None:
         code, is_int, next_eip = E.exception_info(uc)
@@ -678,8 +702,12 @@ class EmuVcpu:
             self._io_exit(IoDirection.IN, port, size)
             self._pending = ("in", in_rip, next_rip, size)
             return self._exit(ExitReason.IO)
+        if kind == "syscall":
+            return self._syscall(ev[1])
         if kind == "exc":
             _, vec, code, is_int, rip, next_eip, cr2 = ev
+            if vec >= E.EXCP_VMEXIT:
+                return self._intercepted(vec - E.EXCP_VMEXIT, code, rip)
             if vec == 14 and not is_int and self._spurious_pf(rip, cr2, code):
                 return None
             return self._deliver(Event(vec, code if vec in HAS_ERROR_CODE and not is_int
@@ -913,6 +941,122 @@ class EmuVcpu:
         else:
             ret = -KvmHcError.ENOSYS
         uc.reg_write_batch([(X.UC_X86_REG_RAX, ret & MASK64), (X.UC_X86_REG_RIP, rip + 3)])
+        return None
+
+    # ---------------------------------------------------------------- intercepts
+    def _gp(self, rip: int) -> int | None:
+        """kvm_inject_gp(vcpu, 0) for the instruction at ``rip`` (a fault: RIP stays)."""
+        self.regs.write(X.UC_X86_REG_RIP, rip)
+        return self._deliver(Event(13, 0, False, rip, rip))
+
+    def _syscall(self, rip: int) -> int | None:
+        """SYSCALL (SDM Vol. 2B; KVM's em_syscall()): #UD unless EFER.SCE (and long mode),
+        else RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK, CS/SS from STAR[47:32], RIP =
+        LSTAR."""
+        uc = self.uc
+        efer = E.read_msr(uc, E.MSR_EFER)
+        if not efer & EFER_SCE or not efer & EFER_LMA:
+            self.regs.write(X.UC_X86_REG_RIP, rip)
+            return self._deliver(Event(6, None, False, rip, rip))
+        star, lstar, fmask = (E.read_msr(uc, m) for m in (MSR_STAR, MSR_LSTAR, MSR_SFMASK))
+        fl = self.regs.read(X.UC_X86_REG_RFLAGS)
+        sel = (star >> 32) & 0xFFFC
+        uc.reg_write_batch([(X.UC_X86_REG_RCX, rip + 2), (X.UC_X86_REG_R11, fl & ~RFLAGS_RF),
+                            (X.UC_X86_REG_RFLAGS, (fl & ~fmask & ~RFLAGS_RF) | RFLAGS_FIXED),
+                            (X.UC_X86_REG_RIP, lstar)])
+        uc.reg_write(X.UC_X86_REG_CS, sel)
+        uc.reg_write(X.UC_X86_REG_SS, sel + 8)
+        return None
+
+    def _intercepted(self, exit_code: int, write: int, rip: int) -> int | None:
+        """A MOV to CR0/CR4 or an RDMSR/WRMSR the engine stopped at (engine.enable_intercepts)."""
+        if exit_code == E.SVM_EXIT_MSR:
+            return self._msr(rip, bool(write))
+        try:
+            insn = self._read_virt(rip, 15)
+        except (GuestFault, PhysFault):
+            return self._internal(InternalSuberror.EMULATION,
+                                  "control-register write not readable", [rip])
+        i, rex = 0, 0
+        while i < 14 and insn[i] in PREFIXES:
+            i += 1
+        if 0x40 <= insn[i] <= 0x4F:
+            rex, i = insn[i], i + 1
+        op = insn[i:i + 3]
+        gprs = E.read_gprs(uc := self.uc)
+        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
+        if op[:2] == b"\x0f\x22" and (op[2] >> 6) == 3:       # MOV CRn, r64
+            cr = ((rex >> 2) & 1) << 3 | (op[2] >> 3) & 7
+            value = gprs[((rex & 1) << 3) | (op[2] & 7)]
+            length = i + 3
+        elif op[:2] == b"\x0f\x06":                         # CLTS
+            cr, value, length = 0, cr0 & ~CR0_TS, i + 2
+        elif op[:2] == b"\x0f\x01" and (op[2] >> 3) & 7 == 6 and (op[2] >> 6) == 3:   # LMSW r
+            src = gprs[((rex & 1) << 3) | (op[2] & 7)]
+            # LMSW loads CR0[3:0] and cannot clear PE.
+            cr, value, length = 0, (cr0 & ~0xE) | (src & 0xF), i + 3
+        else:
+            return self._internal(InternalSuberror.EMULATION,
+                                  f"control-register write {insn[:i + 3].hex()} not modelled",
+                                  [rip])
+        efer = E.read_msr(uc, E.MSR_EFER)
+        if cr == 0:
+            # kvm_set_cr0(): kvm_is_valid_cr0() (bits 63:32, NW without CD, PG without PE),
+            # then clearing PG in 64-bit mode (or with CR4.PCIDE) is #GP.
+            cr4 = uc.reg_read(X.UC_X86_REG_CR4)
+            if (value >> 32 or (value & CR0_NW and not value & CR0_CD)
+                    or (value & CR0_PG and not value & CR0_PE)
+                    or (not value & CR0_PG and (efer & EFER_LMA or cr4 & CR4_PCIDE))):
+                return self._gp(rip)
+            uc.reg_write(X.UC_X86_REG_CR0, value | CR0_ET)
+        else:
+            # kvm_set_cr4(): kvm_is_valid_cr4() (CR4_RESERVED_BITS, CPUID-dependent bits);
+            # in long mode PAE must stay set and LA57 cannot change; PCIDE needs CR3[11:0] 0.
+            old = uc.reg_read(X.UC_X86_REG_CR4)
+            if value & ~CR4_KNOWN or any(value >> b & 1 and not self._cpuid_bit(*need)
+                                         for b, need in CR4_NEEDS.items()):
+                return self._gp(rip)
+            if efer & EFER_LMA and (not value & CR4_PAE or (value ^ old) & CR4_LA57):
+                return self._gp(rip)
+            if value & CR4_PCIDE and not old & CR4_PCIDE and (
+                    uc.reg_read(X.UC_X86_REG_CR3) & 0xFFF or not efer & EFER_LMA):
+                return self._gp(rip)
+            uc.reg_write(X.UC_X86_REG_CR4, value)
+        self.regs.write(X.UC_X86_REG_RIP, rip + length)
+        self.phys.flush_needed = True
+        return None
+
+    def _msr(self, rip: int, write: bool) -> int | None:
+        """RDMSR/WRMSR: the MSRs in MODELLED_MSRS with kvm_set_msr_common()'s checks, #GP(0) for
+        every other index (kvm_get_msr_common()/kvm_set_msr_common() default path, without
+        ignore_msrs)."""
+        uc = self.uc
+        idx, eax, edx = (uc.reg_read(r) & 0xFFFF_FFFF for r in
+                         (X.UC_X86_REG_RCX, X.UC_X86_REG_RAX, X.UC_X86_REG_RDX))
+        if idx not in MODELLED_MSRS:
+            return self._gp(rip)
+        if not write:
+            v = E.read_msr(uc, idx)
+            uc.reg_write_batch([(X.UC_X86_REG_RAX, v & 0xFFFF_FFFF),
+                                (X.UC_X86_REG_RDX, v >> 32), (X.UC_X86_REG_RIP, rip + 2)])
+            return None
+        v = edx << 32 | eax
+        if idx == E.MSR_EFER:
+            old = E.read_msr(uc, idx)
+            # __kvm_valid_efer()/efer_reserved_bits: SCE, LME, LMA, NX (with CPUID NX);
+            # set_efer(): LME cannot change while paging; LMA is kept (read-only).
+            allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NXE if self._cpuid_bit(
+                0x80000001, "edx", 20) else 0)
+            if v & ~allowed or ((v ^ old) & EFER_LME and uc.reg_read(X.UC_X86_REG_CR0) & CR0_PG):
+                return self._gp(rip)
+            v = (v & ~EFER_LMA) | (old & EFER_LMA)
+        elif idx in CANONICAL_MSRS and not _canonical(v):
+            return self._gp(rip)        # is_noncanonical_msr_address()
+        elif idx == MSR_PAT and any((v >> (8 * i)) & 0xFF not in (0, 1, 4, 5, 6, 7)
+                                    for i in range(8)):
+            return self._gp(rip)        # kvm_pat_valid()
+        E.write_msr(uc, idx, v)
+        self.regs.write(X.UC_X86_REG_RIP, rip + 2)
         return None
 
     # ---------------------------------------------------------------- exceptions
