@@ -995,6 +995,10 @@ class EmuVcpu:
             src = gprs[((rex & 1) << 3) | (op[2] & 7)]
             # LMSW loads CR0[3:0] and cannot clear PE.
             cr, value, length = 0, (cr0 & ~0xE) | (src & 0xF), i + 3
+        elif insn[:3] in HYPERCALL_OPCODES:
+            # After memory-map changes unicorn was seen to stop at a vmcall with the vector of
+            # an earlier intercept (the quiet-stop case of _quiet_stop()): it is the vmcall.
+            return self._invalid_insn()
         else:
             return self._internal(InternalSuberror.EMULATION,
                                   f"control-register write {insn[:i + 3].hex()} not modelled",
