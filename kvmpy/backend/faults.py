@@ -191,8 +191,10 @@ class FaultBackend(Backend):
         if f == "gmem-not-zeroed":
             c = _struct(arg, kvm_create_guest_memfd)
             if c is not None and c.size:
-                # The emulated guest_memfd's contents are its memfd (docs/emulator.md).
-                os.pwrite(r, b"\xa5" * min(int(c.size), 1 << 22), 0)
+                # The emulated guest_memfd's contents are a memfd behind the caller's handle,
+                # which refuses pwrite like guest_memfd (docs/emulator.md, guest_memfd files).
+                g = getattr(self.inner, "object_of", lambda fd: None)(r)
+                os.pwrite(getattr(g, "mem_fd", r), b"\xa5" * min(int(c.size), 1 << 22), 0)
                 self._hit()
         return r
 

@@ -291,6 +291,56 @@ def probe_gmem_file_ops(kvm: Kvm, r: Rec) -> None:
         r.note("fstat after", g.fstat().st_size)
 
 
+def _raw(fn: Callable[[], Any]) -> Any:
+    try:
+        v = fn()
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+    return v if isinstance(v, (int, bytes)) else "ok"
+
+
+def probe_gmem_copies(kvm: Kvm, r: Rec) -> None:
+    """Raw syscalls on the guest_memfd fd (they never reach a backend: the file answers) and a
+    dup()'d fd used through the backend (the same file: kvm_gmem_bind() checks f_op)."""
+    b = kvm.backend
+    vm_type = 1 if 1 in kvm.vm_types() else 0
+    with kvm.create_vm(vm_type) as vm, SharedMemory(b, MB) as mem:
+        if not (vm.check_extension(Cap.USER_MEMORY2) and vm.check_extension(Cap.GUEST_MEMFD)):
+            r.note("no USER_MEMORY2/GUEST_MEMFD", True)
+            return
+        g = vm.create_guest_memfd(MB)
+        fd = g.fd
+        r.note("raw ftruncate 0", _raw(lambda: os.ftruncate(fd, 0)))
+        r.note("raw ftruncate same", _raw(lambda: os.ftruncate(fd, MB)))
+        r.note("raw read", _raw(lambda: os.read(fd, 8)))
+        r.note("raw write", _raw(lambda: os.write(fd, b"x")))
+        r.note("raw pread", _raw(lambda: os.pread(fd, 8, 0)))
+        r.note("raw pwrite", _raw(lambda: os.pwrite(fd, b"x", 0)))
+        r.note("raw lseek", _raw(lambda: os.lseek(fd, 0, os.SEEK_SET)))
+        r.note("reopen /proc/self/fd", _raw(lambda: os.close(os.open(f"/proc/self/fd/{fd}",
+                                                                     os.O_RDWR))))
+        st = os.fstat(fd)
+        r.note("raw fstat", (st.st_size, st.st_mode, st.st_blksize))
+        d = os.dup(fd)
+        try:
+            r.err("bind dup", vm.try_set_user_memory_region2(0, MemFlag.GUEST_MEMFD, GIB4, MB,
+                                                             mem.addr, d, 0))
+            r.call("read dup", lambda: b.read(d, 8))
+            r.call("pwrite dup", lambda: b.pwrite(d, b"x", 0))
+            r.call("mmap dup without MMAP", lambda: b.mmap(d, 4096, PROT_READ, MAP_SHARED))
+            r.call("fallocate dup mode 0", lambda: b.fallocate(d, 0, 0, 4096))
+            r.call("fallocate dup keep", lambda: b.fallocate(d, FALLOC_FL_KEEP_SIZE, 0, 4096))
+            g.close()
+            r.call("fallocate dup after original closed",
+                   lambda: b.fallocate(d, FALLOC_FL_KEEP_SIZE, 4096, 4096))
+            r.err("delete slot", vm.try_set_user_memory_region2(0, 0, 0, 0, 0))
+            r.err("rebind dup after original closed",
+                  vm.try_set_user_memory_region2(0, MemFlag.GUEST_MEMFD, GIB4, MB, mem.addr,
+                                                 d, 0))
+        finally:
+            b.close(d)
+
+
 def probe_gmem_mmap(kvm: Kvm, r: Rec) -> None:
     b = kvm.backend
     with kvm.create_vm() as vm:
@@ -445,7 +495,8 @@ def _random_ops(seed: int) -> Callable[[Kvm, Rec], None]:
 
 
 PROBES = [probe_caps_and_vm_types, probe_system_ioctls, probe_vm_misc, probe_memslots_v1,
-          probe_memslots_v2_gmem, probe_gmem_create, probe_gmem_file_ops, probe_gmem_mmap,
+          probe_memslots_v2_gmem, probe_gmem_create, probe_gmem_file_ops, probe_gmem_copies,
+          probe_gmem_mmap,
           probe_gmem_sigbus, probe_gmem_outlives_vm, probe_memory_attributes,
           *(_random_ops(seed) for seed in range(6))]
 
@@ -457,10 +508,75 @@ def test_differential(probe: Callable[[Kvm, Rec], None]) -> None:
     assert emu == real
 
 
+def probe_unknown_ioctls(kvm: Kvm, r: Rec) -> None:
+    """Ioctl numbers no KVM defines, and a foreign type, on each kind of KVM fd (issue 11
+    item 13): kvm_arch_dev_ioctl() / kvm_arch_vm_ioctl() / kvm_vcpu_ioctl() defaults."""
+    b = kvm.backend
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for req in (0xAEFF, 0xC008AEFF, 0xAE10, 0x5401):
+            for name, fd in (("sys", kvm.fd), ("vm", vm.fd), ("vcpu", vcpu.fd)):
+                r.call(f"{name} ioctl {req:#x}", lambda fd=fd, req=req: b.ioctl(fd, req, 0))
+
+
+def test_differential_unknown_ioctls() -> None:
+    real, emu = differential(probe_unknown_ioctls)
+    assert len(real) == 12 and emu == real
+
+
 def test_differential_pre_fault() -> None:
     """KVM_PRE_FAULT_MEMORY is a vCPU ioctl (emulated vCPUs are a hard dependency: no skip)."""
     real, emu = differential(probe_pre_fault)
     assert emu == real
+
+
+def _raw_divergences(kvm: Kvm) -> dict[str, Any]:
+    """Raw syscalls on a guest_memfd fd that userspace cannot make the emulated file answer as
+    guest_memfd does (docs/emulator.md, "guest_memfd files")."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+    def fallocate(fd: int) -> None:
+        if libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 4096):
+            raise OSError(ctypes.get_errno(), "fallocate")
+
+    def mmap_raw(fd: int) -> None:
+        import mmap
+
+        mmap.mmap(fd, 4096).close()
+
+    with kvm.create_vm(0) as vm:
+        g = vm.create_guest_memfd(4 * 4096)
+        return {"fallocate KEEP_SIZE": _raw(lambda: fallocate(g.fd)),
+                "mmap without MMAP flag": _raw(lambda: mmap_raw(g.fd)),
+                "fchmod": _raw(lambda: os.fchmod(g.fd, 0o600))}
+
+
+def test_raw_gmem_syscall_divergences_pinned() -> None:
+    """Pinned real-vs-emulated differences of *raw* syscalls on a guest_memfd fd. The handle is
+    a memfd_secret file (gmem.py): it has no fallocate (EOPNOTSUPP; real: kvm_gmem_fallocate
+    allocates), its mmap maps a placeholder (real: ENODEV without GUEST_MEMFD_FLAG_MMAP) and
+    secretmem's setattr lets a mode change through (real: kvm_gmem_setattr() -EINVAL). The
+    same calls through the backend are answered as guest_memfd does (probe_gmem_file_ops)."""
+    from kvmpy.backend.emu import EmuBackend
+    from kvmpy.backend.emu.gmem import _memfd_secret
+
+    fd = _memfd_secret()
+    if fd < 0:
+        pytest.skip("memfd_secret(2) is not available: the emulated guest_memfd uses the "
+                    "sealed-memfd handle, whose raw answers differ more (docs/emulator.md)")
+    os.close(fd)
+    with Kvm(HostBackend()) as kvm:
+        real = _raw_divergences(kvm)
+    with Kvm(EmuBackend(profile="host")) as kvm:
+        emu = _raw_divergences(kvm)
+    assert real == {"fallocate KEEP_SIZE": "ok", "mmap without MMAP flag": "ENODEV",
+                    "fchmod": "EINVAL"}
+    assert emu == {"fallocate KEEP_SIZE": errno.errorcode[errno.EOPNOTSUPP],
+                   "mmap without MMAP flag": "ok",
+                   "fchmod": "ok"}
 
 
 def test_transcripts_can_differ() -> None:

@@ -234,3 +234,34 @@ def test_plugin_emu_profile_option(pytester: pytest.Pytester) -> None:
                            "--emu-profile", "6.12")
     r.assert_outcomes(passed=1)
     r.stdout.fnmatch_lines(["*emulated KVM profile: 6.12*"])
+
+
+# An ioctl number no kernel defines (_IO(KVMIO, 0xff), _IOWR(KVMIO, 0xff, 8)), a KVMIO number
+# below the used range (0x10), and a foreign type (TCGETS).
+UNKNOWN_IOCTLS = (0xAEFF, 0xC008AEFF, 0xAE10, 0x5401)
+
+
+def test_unknown_ioctl_errnos(ekvm: Kvm) -> None:
+    """The kernel's defaults for an ioctl it does not know: /dev/kvm EINVAL
+    (kvm_arch_dev_ioctl()), VM fd ENOTTY (kvm_arch_vm_ioctl()), vCPU fd EINVAL
+    (kvm_vcpu_ioctl()'s _IOC_TYPE check, then kvm_arch_vcpu_ioctl()'s default); all in
+    arch/x86/kvm/x86.c and virt/kvm/kvm_main.c. Issue 11 item 13."""
+    b = ekvm.backend
+    with ekvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for req in UNKNOWN_IOCTLS:
+            for fd, want in ((ekvm.fd, errno.EINVAL), (vm.fd, errno.ENOTTY),
+                             (vcpu.fd, errno.EINVAL)):
+                with pytest.raises(OSError) as ei:
+                    b.ioctl(fd, req, 0)
+                assert ei.value.errno == want, (hex(req), fd)
+
+
+def test_known_unmodelled_vcpu_ioctl_is_enotty(ekvm: Kvm) -> None:
+    """A real vCPU ioctl the emulator does not answer (KVM_GET_FPU) is ENOTTY, as from a
+    kernel without it, so callers skip (not the EINVAL of an unknown number)."""
+    with ekvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(OSError) as ei:
+            ekvm.backend.ioctl(vcpu.fd, 0x81A0AE8C, 0)      # _IOR(KVMIO, 0x8c, kvm_fpu)
+        assert ei.value.errno == errno.ENOTTY

@@ -253,10 +253,10 @@ def test_punch_hole_zeroes_and_invalidates(ekvm: Kvm) -> None:
         vm.set_user_memory_region2(0, G, GIB4, 4 * 4096, 0, g, 4 * 4096)
         backing = emu_of(vm).find_memslot(GIB4).gmem              # type: ignore[union-attr]
         assert backing is not None
-        os.pwrite(backing.fd, b"\xab" * (8 * 4096), 0)
+        os.pwrite(backing.mem_fd, b"\xab" * (8 * 4096), 0)
         sp = spy(vm)
         g.punch_hole(3 * 4096, 3 * 4096)                          # file pages 3..5
-        assert os.pread(backing.fd, 8 * 4096, 0) == (b"\xab" * (3 * 4096) + bytes(3 * 4096)
+        assert os.pread(backing.mem_fd, 8 * 4096, 0) == (b"\xab" * (3 * 4096) + bytes(3 * 4096)
                                                      + b"\xab" * (2 * 4096))
         assert sp.calls == [(GIB4, GIB4 + 2 * 4096)]              # file 4..5 -> gpa +0..+2
         sp.calls.clear()
@@ -310,9 +310,9 @@ def test_pre_fault_logic(ekvm: Kvm) -> None:
         mf = run.exit.memory_fault
         assert (mf.flags, mf.gpa, mf.size) == (MemoryExitFlag.PRIVATE, GIB4 + 4 * 4096, 4096)
         vm.set_private(2 * GIB4, MB)
-        blocks = os.fstat(g.fd).st_blocks
+        blocks = g.fstat().st_blocks
         assert emu.pre_fault(2 * GIB4 + 4096, 4 * 4096, 0) == (0, 2 * GIB4 + 5 * 4096, 0)
-        assert os.fstat(g.fd).st_blocks > blocks
+        assert g.fstat().st_blocks > blocks
 
 
 def test_pre_fault_unsupported_profile() -> None:

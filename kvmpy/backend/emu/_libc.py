@@ -28,7 +28,7 @@ libc.process_vm_readv.restype = ctypes.c_ssize_t
 libc.process_vm_writev.argtypes = libc.process_vm_readv.argtypes
 libc.process_vm_writev.restype = ctypes.c_ssize_t
 
-__all__ = ["copy_from_user", "copy_to_user", "libc_fallocate", "libc_ioctl", "libc_madvise",
+__all__ = ["copy_from_user", "copy_to_user", "libc", "libc_fallocate", "libc_ioctl", "libc_madvise",
            "libc_mmap", "libc_munmap"]
 
 

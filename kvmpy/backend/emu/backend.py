@@ -3,9 +3,9 @@
 Requests are the real ioctl numbers (kvmpy.uapi.Ioctl); struct arguments are read from and
 written to the caller's memory by address, as the kernel's copy_from_user/copy_to_user do
 (process_vm_readv/writev: a bad pointer is EFAULT, never a crash). Every emulated object is a
-real, unique fd (a memfd); the table fd -> object is checked against the fd's inode on every
-use, so an fd closed behind the backend's back and reused is treated as foreign. Foreign fds
-get the real syscall.
+real file with its own inode (a memfd; a guest_memfd's is a handle file, see gmem.py), and the
+table maps the inode (st_dev, st_ino) to the object: a dup()'d or passed fd is the same object,
+an fd closed behind the backend's back and reused is foreign. Foreign fds get the real syscall.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ...uapi import (
 )
 from .. import Backend, IoctlArg
 from ..host import arg_pointer
+from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
 from ._libc import (
     copy_from_user,
     copy_to_user,
@@ -73,6 +74,21 @@ def _ioc_type(request: int) -> int:
     return (request >> 8) & 0xFF
 
 
+# The _IOC_NR of every KVMIO ioctl in the 6.12 uAPI (include/uapi/linux/kvm.h,
+# arch/x86/include/uapi/asm/kvm.h). Such a request the emulator does not answer is
+# NotModelled; any other number cannot be a KVM ioctl and gets the kernel's default errno.
+KVM_IOCTL_NRS = frozenset([0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x09, 0x0A, 0x41, 0x42,
+                           0x44, 0x45, 0x46, 0x47, 0x48, 0x49, 0x50, 0x51, 0x52,
+                           *range(0x60, 0x69), 0x6A, 0x71, *range(0x76, 0x7D),
+                           *range(0x80, 0x87), *range(0x88, 0xD3), 0xD4, 0xD5,
+                           *range(0xE0, 0xE4)])
+
+
+def is_kvm_ioctl(request: int) -> bool:
+    """Whether ``request`` is (by type and number) an ioctl the kernel's KVM defines."""
+    return _ioc_type(request) == KVMIO and request & 0xFF in KVM_IOCTL_NRS
+
+
 class EmuBackend(Backend):
     """The emulated KVM. ``profile``: "upstream" (default), "6.12", "host", or a Profile."""
 
@@ -81,33 +97,34 @@ class EmuBackend(Backend):
     def __init__(self, profile: str | Profile = "upstream") -> None:
         self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
         self._lock = threading.Lock()
-        self._fds: dict[int, tuple[_Obj, int, int]] = {}
+        self._objs: dict[tuple[int, int], _Obj] = {}     # (st_dev, st_ino) -> object
+        self._keys: dict[int, tuple[int, int]] = {}      # id(object) -> its key
         # Address ranges of guest_memfd mappings (for madvise), [start, end).
         self._gmem_maps: list[tuple[int, int]] = []
         self._tls = threading.local()
 
     # --- fd table ------------------------------------------------------------------------------
+    # Objects are known by their file's inode, not by fd number, as the kernel knows a file:
+    # a dup(), an inherited or SCM_RIGHTS-passed copy of an fd is the same object, and an fd
+    # closed behind the backend's back and reused for another file is foreign.
     def _register(self, fd: int, obj: _Obj) -> int:
         st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
         with self._lock:
-            self._fds[fd] = (obj, st.st_dev, st.st_ino)
+            self._objs[key] = obj
+            self._keys[id(obj)] = key
         return fd
 
     def _lookup(self, fd: int) -> _Obj | None:
-        ent = self._fds.get(fd)
-        if ent is None:
-            return None
         try:
             st = os.fstat(fd)
-        except OSError:
-            st = None
-        if st is None or (st.st_dev, st.st_ino) != (ent[1], ent[2]):
-            # Closed (and perhaps reused) without going through close(): forget it.
-            with self._lock:
-                if self._fds.get(fd) is ent:
-                    del self._fds[fd]
+        except OverflowError:
             return None
-        return ent[0]
+        except OSError as e:
+            if e.errno is None:
+                raise       # a signal handler's exception (TimeoutError), not fstat's
+            return None
+        return self._objs.get((st.st_dev, st.st_ino))
 
     def _gmem(self, fd: int) -> EmuGmem | None:
         obj = self._lookup(fd)
@@ -146,15 +163,18 @@ class EmuBackend(Backend):
         if obj is None:
             return libc_ioctl(fd, request, addr)
         if isinstance(obj, EmuVcpuFd):
+            if _ioc_type(request) != KVMIO:
+                # kvm_vcpu_ioctl(): "if (unlikely(_IOC_TYPE(ioctl) != KVMIO)) return -EINVAL".
+                raise OSError(errno.EINVAL, f"ioctl {request:#x} is not a KVM ioctl")
             if request == R.KVM_PRE_FAULT_MEMORY:
                 return self._pre_fault(obj, addr)
             return obj.vcpu.ioctl(request, addr)
         if isinstance(obj, EmuGmem):
             # kvm_gmem_fops has no unlocked_ioctl.
             raise OSError(errno.ENOTTY, "guest_memfd has no ioctls")
-        if _ioc_type(request) != KVMIO:
-            # Unknown ioctls fall to the arch handlers: kvm_arch_dev_ioctl() answers EINVAL,
-            # kvm_arch_vm_ioctl() ENOTTY.
+        if not is_kvm_ioctl(request):
+            # Unknown ioctls fall to the arch handlers' defaults: kvm_arch_dev_ioctl() answers
+            # EINVAL, kvm_arch_vm_ioctl() ENOTTY (arch/x86/kvm/x86.c).
             raise OSError(errno.EINVAL if isinstance(obj, EmuSystem) else errno.ENOTTY,
                           f"ioctl {request:#x} is not a KVM ioctl")
         if isinstance(obj, EmuSystem):
@@ -327,7 +347,15 @@ class EmuBackend(Backend):
         raise OSError(errno.ENODEV, "fallocate on a KVM fd")
 
     def fstat(self, fd: int) -> os.stat_result:
-        return os.fstat(fd)
+        st = os.fstat(fd)
+        obj = self._lookup(fd)
+        if isinstance(obj, EmuGmem) and not obj.closed:
+            # The handle holds no pages; the contents file's allocation is the guest_memfd's.
+            extra = {k: getattr(st, k) for k in _STAT_EXTRA}
+            with obj.contents() as cfd:
+                extra["st_blocks"] = os.fstat(cfd).st_blocks
+            return os.stat_result(list(st), extra)
+        return st
 
     def _rw_refused(self, fd: int, positioned: bool) -> None:
         """KVM files have no read/write methods (EINVAL); a guest_memfd is also not
@@ -358,19 +386,48 @@ class EmuBackend(Backend):
 
     def close(self, fd: int) -> None:
         obj = self._lookup(fd)
-        if obj is not None:
-            with self._lock:
-                self._fds.pop(fd, None)
-            if isinstance(obj, EmuGmem):
-                obj.release()
-            elif isinstance(obj, EmuVcpuFd):
-                # The kernel keeps the vCPU until the VM dies; it can no longer be reached.
-                with obj.vm.lock:
-                    if obj.vcpu in obj.vm.vcpus:
-                        obj.vm.vcpus.remove(obj.vcpu)
-                obj.vcpu.close()
-                libc_munmap(obj.run_addr, VCPU_MMAP_SIZE)
         os.close(fd)
+        if obj is None or self._other_fd_open(obj):
+            # The kernel releases a file when its last reference goes (fput()).
+            return
+        with self._lock:
+            key = self._keys.pop(id(obj), None)
+            if key is not None:
+                self._objs.pop(key, None)
+        if isinstance(obj, EmuGmem):
+            obj.release()
+        elif isinstance(obj, EmuVcpuFd):
+            # The kernel keeps the vCPU until the VM dies; it can no longer be reached.
+            with obj.vm.lock:
+                if obj.vcpu in obj.vm.vcpus:
+                    obj.vm.vcpus.remove(obj.vcpu)
+            obj.vcpu.close()
+            libc_munmap(obj.run_addr, VCPU_MMAP_SIZE)
+
+    def _other_fd_open(self, obj: _Obj) -> bool:
+        """Whether another fd of this process still refers to ``obj``'s file (a dup). Fds in
+        flight in an SCM_RIGHTS message are not seen (docs/emulator.md)."""
+        key = self._keys.get(id(obj))
+        if key is None:
+            return False
+        try:
+            names = os.listdir("/proc/self/fd")
+        except OSError as e:
+            if e.errno is None:
+                raise
+            return False
+        for name in names:
+            try:
+                st = os.fstat(int(name))
+            except OSError as e:
+                if e.errno is None:
+                    raise
+                continue
+            except ValueError:
+                continue
+            if (st.st_dev, st.st_ino) == key:
+                return True
+        return False
 
     def kick(self, vcpu_fd: int, thread_ident: int) -> None:
         obj = self._lookup(vcpu_fd)
@@ -386,6 +443,10 @@ class EmuBackend(Backend):
         except Exception:
             uc = "no unicorn"
         return f"emulated KVM (profile {self.profile.name}: {self.profile.description}; {uc})"
+
+
+_STAT_EXTRA = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+               "st_blksize", "st_blocks", "st_rdev")
 
 
 def _page_up(n: int) -> int:

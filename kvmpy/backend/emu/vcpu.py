@@ -55,6 +55,7 @@ from ...uapi import (
 )
 from ...uapi.ioctls import Ioctl
 from ._libc import copy_from_user, copy_to_user
+from .sigwatch import SignalWatch
 from .x86 import engine as E
 from .x86.events import HAS_ERROR_CODE, CpuState, Event, TripleFault, deliver
 from .x86.paging import GuestFault, PagingMode, make_read64, translate
@@ -79,9 +80,24 @@ MASK64 = (1 << 64) - 1
 KVM_MAX_CPUID_ENTRIES = 256
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
-CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
-CR4_PAE, CR4_LA57 = 1 << 5, 1 << 12
-EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+CR0_PE, CR0_TS, CR0_ET, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 3, 1 << 4, 1 << 29, 1 << 30, 1 << 31
+CR4_PAE, CR4_LA57, CR4_PCIDE = 1 << 5, 1 << 12, 1 << 17
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
+# MSRs the emulated vCPU answers (arch/x86/include/asm/msr-index.h); every other RDMSR/WRMSR is
+# #GP(0). TSC, SYSENTER_CS/ESP/EIP, PAT, EFER, STAR, LSTAR, CSTAR, SFMASK, FS/GS/KERNEL_GS base,
+# TSC_AUX.
+MSR_STAR, MSR_LSTAR, MSR_SFMASK, MSR_PAT = 0xC0000081, 0xC0000082, 0xC0000084, 0x277
+MODELLED_MSRS = frozenset({0x10, 0x174, 0x175, 0x176, MSR_PAT, 0xC0000080, MSR_STAR, MSR_LSTAR,
+                           0xC0000083, MSR_SFMASK, 0xC0000100, 0xC0000101, 0xC0000102,
+                           0xC0000103})
+# kvm_set_msr_ignored_check() -> is_noncanonical_msr_address() for these.
+CANONICAL_MSRS = frozenset({0x175, 0x176, MSR_LSTAR, 0xC0000083, 0xC0000100, 0xC0000101,
+                            0xC0000102})
+
+
+def _canonical(va: int) -> bool:
+    top = va >> 47
+    return top in (0, (1 << 17) - 1)
 RFLAGS_FIXED = 0x2
 RFLAGS_RF = 1 << 16
 
@@ -143,6 +159,9 @@ class EmuVcpu:
         self._slice = 50_000
         self._ensured_cr3 = -1
         self._quiet_stops = 0
+        self._sig: SignalWatch | None = None
+        # An engine stop not handled yet because a signal handler raised first.
+        self._deferred: tuple[Any, ...] | None = None
         self._pf_retry: tuple[int, int] | None = None
         # RF can only be set by a delivered fault's frame (via IRETQ) or by KVM_SET_REGS.
         self._rf_possible = False
@@ -164,6 +183,8 @@ class EmuVcpu:
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_unmapped)
+        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        E.enable_intercepts(uc)
 
     def __repr__(self) -> str:
         return f"<EmuVcpu {self.id}>"
@@ -206,7 +227,15 @@ class EmuVcpu:
             if request == Ioctl.KVM_ENABLE_CAP:
                 # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled.
                 raise OSError(errno.EINVAL, "KVM_ENABLE_CAP on a vCPU: no vCPU cap is modelled")
-        raise OSError(errno.ENOTTY, f"emulated vCPU: unknown ioctl {request:#x}")
+        from .backend import is_kvm_ioctl
+
+        if is_kvm_ioctl(request):
+            # A real vCPU ioctl the emulator lacks (KVM_GET_STATS_FD, ...): ENOTTY, as a kernel
+            # without it built in would answer; the selftests skip on that.
+            raise OSError(errno.ENOTTY, f"{Ioctl.name_of(request)} on a vCPU fd is not "
+                          "modelled by the emulated KVM")
+        # kvm_arch_vcpu_ioctl() (arch/x86/kvm/x86.c): "default: r = -EINVAL".
+        raise OSError(errno.EINVAL, f"emulated vCPU: unknown ioctl {request:#x}")
 
     # ================================================================ registers
     def _get_regs(self) -> kvm_regs:
@@ -403,6 +432,13 @@ class EmuVcpu:
                             (X.UC_X86_REG_RCX, c), (X.UC_X86_REG_RDX, d)])
         return 1
 
+    def _on_syscall(self, uc: Any, ud: Any) -> None:
+        # With a hook, unicorn's helper_syscall only calls it and skips the instruction: the
+        # emulator performs SYSCALL itself (_syscall()).
+        if self._ev is None:
+            self._ev = ("syscall", self.regs.read(X.UC_X86_REG_RIP))
+        uc.emu_stop()
+
     def _on_intr(self, uc: Any, intno: int, ud: Any) -> None:
         code, is_int, next_eip = E.exception_info(uc)
         rip, cr2 = uc.reg_read_batch([X.UC_X86_REG_RIP, X.UC_X86_REG_CR2])
@@ -490,29 +526,38 @@ class EmuVcpu:
             raise OSError(errno.EINVAL, "emulated KVM cannot run this vCPU state: "
                           f"{self._mode_problem}; only 64-bit long mode at CPL 0 is modelled")
         self._ran = True
-        if self._mp_state != MpState.RUNNABLE:
-            return self._block()
-        self.sched.acquire(self)
-        try:
-            return self._loop()
-        finally:
-            self.sched.release()
+        with SignalWatch() as self._sig:
+            try:
+                if self._mp_state != MpState.RUNNABLE:
+                    return self._block()
+                self.sched.acquire(self)
+                try:
+                    return self._loop()
+                finally:
+                    self.sched.release()
+            finally:
+                self._sig = None
 
     def _exit(self, reason: int) -> int:
         self.run.exit_reason = reason
         return 0
 
-    def _intr(self) -> int:
+    def _intr(self, why: str = "kick") -> int:
         self._kicked = False
         self.run.exit_reason = ExitReason.INTR
-        raise OSError(errno.EINTR, "KVM_RUN interrupted (kick)")
+        raise OSError(errno.EINTR, f"KVM_RUN interrupted ({why})")
+
+    def _interrupted(self) -> bool:
+        """A kick, or a signal delivered since KVM_RUN began (kvm_handle_signal_exit())."""
+        sig = self._sig
+        return self._kicked or (sig is not None and sig.fired())
 
     def _block(self) -> int:
         """A halted vCPU with an in-kernel irqchip waits for an event; no interrupt source is
-        modelled, so only a kick ends the wait (-EINTR)."""
-        while not self._kicked:
+        modelled, so only a kick or a signal ends the wait (-EINTR)."""
+        while not self._interrupted():
             time.sleep(0.001)
-        return self._intr()
+        return self._intr("kick" if self._kicked else "signal")
 
     def _loop(self) -> int:
         self._run_thread = threading.get_ident()
@@ -544,8 +589,14 @@ class EmuVcpu:
                 self.phys.flush_needed = False
                 uc.ctl_flush_tb()
                 self._plain_in.clear()
-            if self._kicked:
-                return self._intr()
+            if self._interrupted():
+                return self._intr("kick" if self._kicked else "signal")
+            if self._deferred is not None:
+                stop, self._deferred = self._deferred, None
+                r = self._handle(stop, 0)
+                if r is not None:
+                    return r
+                continue
             if self._preempt:
                 self._preempt = False
                 if self.sched.contended:
@@ -576,6 +627,18 @@ class EmuVcpu:
                 uc.emu_start(rip, 0, 0, self._slice)
             except UcError as e:
                 err = e.errno
+                hook_exc = uc._hook_exception
+                if hook_exc is not None:
+                    # A hook raised (a Python signal handler that ran inside it): unicorn's
+                    # binding reports the stop's UcError and drops the exception. It is the
+                    # caller's, unchanged; the instruction at RIP is simply re-run next time.
+                    uc._hook_exception = None
+                    self._defer_stop()
+                    raise hook_exc from None
+            except BaseException:
+                # A signal handler raised as the engine stopped: propagate it, keep the stop.
+                self._defer_stop()
+                raise
             self._leave_guest()
             n = self._counter.value
             if self._rf_possible and (n >= 2 or (n == 1 and not err and (
@@ -597,6 +660,14 @@ class EmuVcpu:
             r = self._handle(self._ev, err)
             if r is not None:
                 return r
+
+    def _defer_stop(self) -> None:
+        """Keep an event a hook recorded for the next KVM_RUN (an OUT already retired must
+        still exit); with no event the engine state is complete and RIP is simply re-run."""
+        self._leave_guest()
+        if self._ev is not None:
+            self._deferred = self._ev
+            self._ev = None
 
     def _handle(self, ev: tuple[Any, ...] | None, err: int) -> int | None:
         """Turn one engine stop into an exit (returned), or None to keep running."""
@@ -631,8 +702,12 @@ class EmuVcpu:
             self._io_exit(IoDirection.IN, port, size)
             self._pending = ("in", in_rip, next_rip, size)
             return self._exit(ExitReason.IO)
+        if kind == "syscall":
+            return self._syscall(ev[1])
         if kind == "exc":
             _, vec, code, is_int, rip, next_eip, cr2 = ev
+            if vec >= E.EXCP_VMEXIT:
+                return self._intercepted(vec - E.EXCP_VMEXIT, code, rip)
             if vec == 14 and not is_int and self._spurious_pf(rip, cr2, code):
                 return None
             return self._deliver(Event(vec, code if vec in HAS_ERROR_CODE and not is_int
@@ -866,6 +941,126 @@ class EmuVcpu:
         else:
             ret = -KvmHcError.ENOSYS
         uc.reg_write_batch([(X.UC_X86_REG_RAX, ret & MASK64), (X.UC_X86_REG_RIP, rip + 3)])
+        return None
+
+    # ---------------------------------------------------------------- intercepts
+    def _gp(self, rip: int) -> int | None:
+        """kvm_inject_gp(vcpu, 0) for the instruction at ``rip`` (a fault: RIP stays)."""
+        self.regs.write(X.UC_X86_REG_RIP, rip)
+        return self._deliver(Event(13, 0, False, rip, rip))
+
+    def _syscall(self, rip: int) -> int | None:
+        """SYSCALL (SDM Vol. 2B; KVM's em_syscall()): #UD unless EFER.SCE (and long mode),
+        else RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK, CS/SS from STAR[47:32], RIP =
+        LSTAR."""
+        uc = self.uc
+        efer = E.read_msr(uc, E.MSR_EFER)
+        if not efer & EFER_SCE or not efer & EFER_LMA:
+            self.regs.write(X.UC_X86_REG_RIP, rip)
+            return self._deliver(Event(6, None, False, rip, rip))
+        star, lstar, fmask = (E.read_msr(uc, m) for m in (MSR_STAR, MSR_LSTAR, MSR_SFMASK))
+        fl = self.regs.read(X.UC_X86_REG_RFLAGS)
+        sel = (star >> 32) & 0xFFFC
+        uc.reg_write_batch([(X.UC_X86_REG_RCX, rip + 2), (X.UC_X86_REG_R11, fl & ~RFLAGS_RF),
+                            (X.UC_X86_REG_RFLAGS, (fl & ~fmask & ~RFLAGS_RF) | RFLAGS_FIXED),
+                            (X.UC_X86_REG_RIP, lstar)])
+        uc.reg_write(X.UC_X86_REG_CS, sel)
+        uc.reg_write(X.UC_X86_REG_SS, sel + 8)
+        return None
+
+    def _intercepted(self, exit_code: int, write: int, rip: int) -> int | None:
+        """A MOV to CR0/CR4 or an RDMSR/WRMSR the engine stopped at (engine.enable_intercepts)."""
+        if exit_code == E.SVM_EXIT_MSR:
+            return self._msr(rip, bool(write))
+        try:
+            insn = self._read_virt(rip, 15)
+        except (GuestFault, PhysFault):
+            return self._internal(InternalSuberror.EMULATION,
+                                  "control-register write not readable", [rip])
+        i, rex = 0, 0
+        while i < 14 and insn[i] in PREFIXES:
+            i += 1
+        if 0x40 <= insn[i] <= 0x4F:
+            rex, i = insn[i], i + 1
+        op = insn[i:i + 3]
+        gprs = E.read_gprs(uc := self.uc)
+        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
+        if op[:2] == b"\x0f\x22" and (op[2] >> 6) == 3:       # MOV CRn, r64
+            cr = ((rex >> 2) & 1) << 3 | (op[2] >> 3) & 7
+            value = gprs[((rex & 1) << 3) | (op[2] & 7)]
+            length = i + 3
+        elif op[:2] == b"\x0f\x06":                         # CLTS
+            cr, value, length = 0, cr0 & ~CR0_TS, i + 2
+        elif op[:2] == b"\x0f\x01" and (op[2] >> 3) & 7 == 6 and (op[2] >> 6) == 3:   # LMSW r
+            src = gprs[((rex & 1) << 3) | (op[2] & 7)]
+            # LMSW loads CR0[3:0] and cannot clear PE.
+            cr, value, length = 0, (cr0 & ~0xE) | (src & 0xF), i + 3
+        elif insn[:3] in HYPERCALL_OPCODES:
+            # After memory-map changes unicorn was seen to stop at a vmcall with the vector of
+            # an earlier intercept (the quiet-stop case of _quiet_stop()): it is the vmcall.
+            return self._invalid_insn()
+        else:
+            return self._internal(InternalSuberror.EMULATION,
+                                  f"control-register write {insn[:i + 3].hex()} not modelled",
+                                  [rip])
+        efer = E.read_msr(uc, E.MSR_EFER)
+        if cr == 0:
+            # kvm_set_cr0(): kvm_is_valid_cr0() (bits 63:32, NW without CD, PG without PE),
+            # then clearing PG in 64-bit mode (or with CR4.PCIDE) is #GP.
+            cr4 = uc.reg_read(X.UC_X86_REG_CR4)
+            if (value >> 32 or (value & CR0_NW and not value & CR0_CD)
+                    or (value & CR0_PG and not value & CR0_PE)
+                    or (not value & CR0_PG and (efer & EFER_LMA or cr4 & CR4_PCIDE))):
+                return self._gp(rip)
+            uc.reg_write(X.UC_X86_REG_CR0, value | CR0_ET)
+        else:
+            # kvm_set_cr4(): kvm_is_valid_cr4() (CR4_RESERVED_BITS, CPUID-dependent bits);
+            # in long mode PAE must stay set and LA57 cannot change; PCIDE needs CR3[11:0] 0.
+            old = uc.reg_read(X.UC_X86_REG_CR4)
+            if value & ~CR4_KNOWN or any(value >> b & 1 and not self._cpuid_bit(*need)
+                                         for b, need in CR4_NEEDS.items()):
+                return self._gp(rip)
+            if efer & EFER_LMA and (not value & CR4_PAE or (value ^ old) & CR4_LA57):
+                return self._gp(rip)
+            if value & CR4_PCIDE and not old & CR4_PCIDE and (
+                    uc.reg_read(X.UC_X86_REG_CR3) & 0xFFF or not efer & EFER_LMA):
+                return self._gp(rip)
+            uc.reg_write(X.UC_X86_REG_CR4, value)
+        self.regs.write(X.UC_X86_REG_RIP, rip + length)
+        self.phys.flush_needed = True
+        return None
+
+    def _msr(self, rip: int, write: bool) -> int | None:
+        """RDMSR/WRMSR: the MSRs in MODELLED_MSRS with kvm_set_msr_common()'s checks, #GP(0) for
+        every other index (kvm_get_msr_common()/kvm_set_msr_common() default path, without
+        ignore_msrs)."""
+        uc = self.uc
+        idx, eax, edx = (uc.reg_read(r) & 0xFFFF_FFFF for r in
+                         (X.UC_X86_REG_RCX, X.UC_X86_REG_RAX, X.UC_X86_REG_RDX))
+        if idx not in MODELLED_MSRS:
+            return self._gp(rip)
+        if not write:
+            v = E.read_msr(uc, idx)
+            uc.reg_write_batch([(X.UC_X86_REG_RAX, v & 0xFFFF_FFFF),
+                                (X.UC_X86_REG_RDX, v >> 32), (X.UC_X86_REG_RIP, rip + 2)])
+            return None
+        v = edx << 32 | eax
+        if idx == E.MSR_EFER:
+            old = E.read_msr(uc, idx)
+            # __kvm_valid_efer()/efer_reserved_bits: SCE, LME, LMA, NX (with CPUID NX);
+            # set_efer(): LME cannot change while paging; LMA is kept (read-only).
+            allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NXE if self._cpuid_bit(
+                0x80000001, "edx", 20) else 0)
+            if v & ~allowed or ((v ^ old) & EFER_LME and uc.reg_read(X.UC_X86_REG_CR0) & CR0_PG):
+                return self._gp(rip)
+            v = (v & ~EFER_LMA) | (old & EFER_LMA)
+        elif idx in CANONICAL_MSRS and not _canonical(v):
+            return self._gp(rip)        # is_noncanonical_msr_address()
+        elif idx == MSR_PAT and any((v >> (8 * i)) & 0xFF not in (0, 1, 4, 5, 6, 7)
+                                    for i in range(8)):
+            return self._gp(rip)        # kvm_pat_valid()
+        E.write_msr(uc, idx, v)
+        self.regs.write(X.UC_X86_REG_RIP, rip + 2)
         return None
 
     # ---------------------------------------------------------------- exceptions

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ...uapi import (
-    FALLOC_FL_KEEP_SIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
     Cap,
@@ -24,7 +23,6 @@ from ...uapi import (
     MemoryExitFlag,
     kvm_run,
 )
-from ._libc import libc_fallocate
 from .attributes import AttributeMap
 from .gmem import EmuGmem
 from .memslots import EmuMemslot, RegionArgs, is_private_vm, set_memory_region
@@ -287,7 +285,7 @@ class EmuVm:
                         err = errno.EFAULT
                         break
                     off = slot.gmem_offset + gpa - slot.gpa
-                    libc_fallocate(g.fd, FALLOC_FL_KEEP_SIZE, off, end - gpa)
+                    g.allocate(off, end - gpa)
                 size -= end - gpa
                 gpa = end
         if err and size == full:

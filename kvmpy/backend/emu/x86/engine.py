@@ -19,7 +19,7 @@ from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, unicorn_const
 from unicorn import x86_const as X
-from unicorn.unicorn import Uc
+from unicorn.unicorn import Uc, UcError
 
 # Offsets in the uc_context blob (40-byte header + CPUX86State) of unicorn 2.1.4.
 CTX_SIZE = 5608
@@ -118,11 +118,33 @@ def write_gprs(uc: Any, values: list[int]) -> None:
     uc.reg_write_batch(list(zip(GPRS, values, strict=True)))
 
 
+def _set_msr_intercept(uc: Any, on: bool) -> None:
+    ctx = uc.context_save()
+    ctypes.memmove(ctx.context.value + CTX_INTERCEPT,
+                   struct.pack("<Q", (1 << INTERCEPT_MSR_PROT) if on else 0), 8)
+    uc.context_restore(ctx)
+
+
 def read_msr(uc: Any, msr: int) -> int:
+    # unicorn's MSR registers go through helper_rdmsr/helper_wrmsr, whose SVM check would
+    # cpu_loop_exit() outside cpu_exec (a crash): the intercept is off around the access.
+    if getattr(uc, "_kvmpy_intercepts", False):
+        _set_msr_intercept(uc, False)
+        try:
+            return int(uc.reg_read(X.UC_X86_REG_MSR, msr))
+        finally:
+            _set_msr_intercept(uc, True)
     return int(uc.reg_read(X.UC_X86_REG_MSR, msr))
 
 
 def write_msr(uc: Any, msr: int, value: int) -> None:
+    if getattr(uc, "_kvmpy_intercepts", False):
+        _set_msr_intercept(uc, False)
+        try:
+            uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
+        finally:
+            _set_msr_intercept(uc, True)
+        return
     uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
 
 
@@ -168,3 +190,53 @@ class FastRegs:
     def _check(err: int) -> None:
         if err:
             raise OSError(errno.EIO, f"emulated KVM: unicorn register access failed ({err})")
+
+
+# --- Intercepts (issue 11 item 12) -----------------------------------------------------------
+# QEMU's TCG (unicorn 2.1.4 = QEMU 5.0) checks SVM intercepts for a nested guest: with
+# HF_GUEST_MASK in hflags, a MOV to CR0/CR4 (also CLTS/LMSW) whose bit is set in
+# intercept_cr_write, and RDMSR/WRMSR with INTERCEPT_MSR_PROT whose MSR permission map bit is set
+# (or whose index lies outside the map's three ranges), leave the engine as exception
+# EXCP_VMEXIT + exit code with RIP at the instruction (cpu_vmexit() restores the state; unicorn
+# hands the "exception" to the INTR hook instead of do_vmexit()). Nothing else is intercepted:
+# the other intercept bits stay 0. The emulator then applies KVM's checks itself
+# (kvm_set_cr0()/kvm_set_cr4()/kvm_{get,set}_msr_common()) and retires the instruction or
+# injects #GP. Offsets are CPUX86State's in the context blob (verified in enable_intercepts()).
+CTX_HFLAGS = 216               # env->hflags (u32); HF_CS64 and HF_LMA are set in long mode
+CTX_VM_VMCB = 5544             # env->vm_vmcb (u64), right after old_exception
+CTX_INTERCEPT = 5560           # env->intercept (u64)
+CTX_INTERCEPT_CR_WRITE = 5570  # env->intercept_cr_write (u16)
+HF_GUEST_MASK = 1 << 21
+HF_LMA_CS64 = (1 << 14) | (1 << 15)
+EXCP_VMEXIT = 0x100
+SVM_EXIT_WRITE_CR0 = 0x010
+SVM_EXIT_MSR = 0x07C
+INTERCEPT_MSR_PROT = SVM_EXIT_MSR - 0x060     # bit in env->intercept (SVM_EXIT_INTR = 0x60)
+# The VMCB and MSR permission map live in engine-only physical memory above every guest GPA
+# (MAXPHYADDR 40; memslots end below 1 << 40), which the guest's page tables cannot reach.
+VMCB_GPA = 1 << 44
+VMCB_MSRPM_BASE_PA = 0x48      # offsetof(struct vmcb, control.msrpm_base_pa)
+
+
+def enable_intercepts(uc: Any) -> None:
+    """Make every MOV to CR0/CR4 and every RDMSR/WRMSR stop the engine (see above)."""
+    try:
+        uc.mem_map(VMCB_GPA, 3 * 4096, 3)
+        uc.mem_write(VMCB_GPA + VMCB_MSRPM_BASE_PA, struct.pack("<Q", VMCB_GPA + 4096))
+        uc.mem_write(VMCB_GPA + 4096, b"\xff" * 8192)
+    except UcError as e:
+        if e.errno != unicorn_const.UC_ERR_MAP:
+            raise
+    ctx = uc.context_save()
+    a = ctx.context.value
+    hflags, = struct.unpack("<I", ctypes.string_at(a + CTX_HFLAGS, 4))
+    vmcb, = struct.unpack("<Q", ctypes.string_at(a + CTX_VM_VMCB, 8))
+    if vmcb not in (0, VMCB_GPA) or hflags & ~0xFFFF_FFFF:
+        raise LayoutError(errno.ENOSYS, "unicorn context layout differs at hflags/vm_vmcb: "
+                          "the CR/MSR intercepts need unicorn 2.1.4")
+    ctypes.memmove(a + CTX_HFLAGS, struct.pack("<I", hflags | HF_GUEST_MASK), 4)
+    ctypes.memmove(a + CTX_VM_VMCB, struct.pack("<Q", VMCB_GPA), 8)
+    ctypes.memmove(a + CTX_INTERCEPT, struct.pack("<Q", 1 << INTERCEPT_MSR_PROT), 8)
+    ctypes.memmove(a + CTX_INTERCEPT_CR_WRITE, struct.pack("<H", (1 << 0) | (1 << 4)), 2)
+    uc.context_restore(ctx)
+    uc._kvmpy_intercepts = True

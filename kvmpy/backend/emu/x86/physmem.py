@@ -113,7 +113,9 @@ def _host_segments(hva: int, size: int, fds: dict[tuple[int, int], int]) -> list
                 try:
                     fd = os.open(f"/proc/self/map_files/{lo:x}-{hi:x}", os.O_RDWR | os.O_CLOEXEC)
                     fds[key] = fd
-                except OSError:
+                except OSError as oe:
+                    if oe.errno is None:
+                        raise       # a signal handler's exception (TimeoutError): the caller's
                     fd = -1
             if fd >= 0:
                 st = os.fstat(fd)
@@ -153,8 +155,8 @@ class SlotMap:
         self.perms = 5 if slot.flags & MemFlag.READONLY else 7   # UC_PROT_READ|EXEC / ALL
         if self.direct:
             if gmem is not None:
-                self.gmem_view = libc_mmap(0, slot.size, PROT_READ | PROT_WRITE, MAP_SHARED,
-                                           gmem.fd, slot.gmem_offset)
+                self.gmem_view = gmem.map_contents(0, slot.size, PROT_READ | PROT_WRITE,
+                                                   MAP_SHARED, slot.gmem_offset)
         else:
             self.window = libc_mmap(0, slot.size, PROT_NONE,
                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -207,8 +209,8 @@ class SlotMap:
         slot = self.slot
         if st == GMEM:
             assert slot.gmem is not None
-            libc_mmap(self.window + off, length, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_FIXED, slot.gmem.fd, slot.gmem_offset + off)
+            slot.gmem.map_contents(self.window + off, length, PROT_READ | PROT_WRITE,
+                                   MAP_SHARED | MAP_FIXED, slot.gmem_offset + off)
             return
         for seg in self.segs:
             s, e = max(off, seg.lo), min(off + length, seg.hi)

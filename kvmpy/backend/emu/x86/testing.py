@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ....uapi import PAGE_SHIFT, Ioctl, kvm_regs, kvm_run, kvm_segment, kvm_sregs
+from .._libc import libc_mmap
 from ..attributes import AttributeMap
 from ..memslots import EmuMemslot
 
@@ -66,6 +67,15 @@ class FakeGmem:
     flags: int = 0
     vm: Any = None
 
+    @property
+    def mem_fd(self) -> int:
+        """The contents file (EmuGmem keeps it apart from the caller's handle ``fd``)."""
+        return self.fd
+
+    def map_contents(self, addr: int, length: int, prot: int, flags: int, offset: int) -> int:
+        """EmuGmem.map_contents(): an mmap of the contents."""
+        return libc_mmap(addr, length, prot, flags, self.fd, offset)
+
 
 @dataclass(eq=False)
 class FakeVm:
@@ -96,12 +106,16 @@ class FakeVm:
 
     def set_slot(self, slot: int, gpa: int, size: int, hva: int, gmem: Any = None,
                  gmem_offset: int = 0, flags: int = 0) -> None:
-        old = self.memslots.pop(slot, None)
+        # One swap under the lock, as KVM installs a new memslot array: a vCPU resolving a
+        # fault in between must not see the slot missing (it would exit as MMIO).
+        with self.lock:
+            old = self.memslots.pop(slot, None)
+            if size:
+                self.memslots[slot] = EmuMemslot(slot, 0, flags | (4 if gmem else 0), gpa,
+                                                 size, hva, gmem, gmem_offset)
         if old is not None:
             self.invalidate(old.gpa, old.gpa + old.size)
         if size:
-            self.memslots[slot] = EmuMemslot(slot, 0, flags | (4 if gmem else 0), gpa, size,
-                                             hva, gmem, gmem_offset)
             self.invalidate(gpa, gpa + size)
 
     def set_private(self, gpa: int, size: int, private: bool) -> None:
