@@ -413,7 +413,10 @@ def profile_answers(p: Profile) -> dict[str, object]:
             ("gmem_overlap", p.gmem_overlap_errno), ("gmem_rw", p.gmem_rw_errno),
             ("gmem_prw", p.gmem_prw_errno), ("gmem_mmap_noflag", p.gmem_mmap_noflag_errno),
             ("gmem_collapse", p.gmem_collapse_errno),
-            ("pre_fault_absent", p.pre_fault_absent_errno))},
+            # Only meaningful where pre-faulting is absent: probe_host() measures a pre-fault
+            # without memslot, which a capable kernel answers with ENOENT.
+            *((("pre_fault_absent", p.pre_fault_absent_errno),)
+              if not p.cap(Cap.PRE_FAULT_MEMORY) else ()))},
         "max_gpa_bits": p.max_gpa_bits,
     }
 
