@@ -61,7 +61,8 @@ class OpenIssue:
 
 OPEN_ISSUES: tuple[OpenIssue, ...] = (
     OpenIssue(
-        nodeid="selftests/test_known_issue_mmio_spte.py::test_private_*_after_mmio*",
+        # The cases of selftests/test_known_issue_mmio_spte.py with a first MMIO read.
+        nodeid="selftests/test_known_issue_mmio_spte.py" "::test_private_*_after_mmio*",
         seen_in=("6.12.117", "7.3.4"),
         reason="stale MMIO SPTE: on a KVM_X86_SW_PROTECTED_VM an MMIO SPTE cached by an access "
                "to a gfn without memslot survives KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) "
