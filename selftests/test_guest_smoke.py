@@ -28,10 +28,12 @@ from kvmpy.guest import (
     UcallCmd,
 )
 from kvmpy.guest.build import guests_dir
+from kvmpy.guest.memory import hugetlb_page_size, hugetlb_size, make_backing
 from kvmpy.guest.stats import read_stats
+from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
 from kvmpy.testing.require import require_cap, where
-from kvmpy.uapi import Cap, ExitReason, GuestMemfdFlag
+from kvmpy.uapi import Cap, ExitReason, GuestMemfdFlag, Quirk, kvm_cpuid_entry2
 from kvmpy.vcpu import Exit
 
 pytestmark = pytest.mark.guest
@@ -191,27 +193,67 @@ KVM_HC_MAP_GPA_RANGE = 12
 KVM_ENOSYS = 1000
 
 
+VENDORS = {"amd": (b"AuthenticAMD", b"\x0f\x01\xd9"), "intel": (b"GenuineIntel", b"\x0f\x01\xc1")}
+
+
 def _cpu_is_amd(g: GuestVm) -> bool:
     leaf0 = next(e for e in g.cpuid if e.function == 0)
     return leaf0.ebx.to_bytes(4, "little") in (b"Auth", b"Hygo")
 
 
-def test_hypercall_uses_vendor_instruction(g: GuestVm) -> None:
+def _set_vendor(g: GuestVm, vendor: bytes) -> None:
+    """Give the VM's vCPUs CPUID leaf 0 vendor ``vendor`` (12 bytes: EBX, EDX, ECX), on a copy
+    of the entries (GuestVm shares KVM_GET_SUPPORTED_CPUID's list between VMs)."""
+    g.cpuid = [kvm_cpuid_entry2.from_buffer_copy(e) for e in g.cpuid]
+    leaf0 = next(e for e in g.cpuid if e.function == 0)
+    leaf0.ebx, leaf0.edx, leaf0.ecx = (int.from_bytes(vendor[i:i + 4], "little")
+                                       for i in (0, 4, 8))
+
+
+@pytest.mark.parametrize("vendor", ["cpuid", "other_vendor"])
+def test_hypercall_uses_vendor_instruction(g: GuestVm, vendor: str) -> None:
     """kvm_hypercall() issues vmmcall on AMD/Hygon and vmcall elsewhere (CPUID leaf 0 vendor).
+
+    ``cpuid``: the vCPU's CPUID as KVM_GET_SUPPORTED_CPUID gives it; ``other_vendor``: the same
+    with the other vendor's string in leaf 0, so the guest issues the instruction the KVM
+    vendor module does not execute natively (what a guest sees under kvm_pvm on an AMD host).
 
     KVM_HC_MAP_GPA_RANGE without KVM_CAP_EXIT_HYPERCALL enabled returns -KVM_ENOSYS to the
     guest (arch/x86/kvm/x86.c kvm_emulate_hypercall). Where KVM's instruction
     emulator runs the guest, vmcall never completes (it is re-executed until a signal): the
-    watchdog stops it and RIP must then be at the vendor's instruction. Either way the
-    instruction is checked where the guest stopped or in kvm_hypercall's code.
+    watchdog stops it and RIP must then be at the vendor's instruction.
+
+    The instruction is checked in the guest's own code as loaded, not in guest memory after
+    the run: with KVM_X86_QUIRK_FIX_HYPERCALL_INSN enabled (the default) KVM rewrites the
+    other vendor's instruction to its own (x86.c emulator_fix_hypercall; see
+    test_fix_hypercall.py), and reading the patched bytes made this test fail on AMD hosts
+    whose KVM executes vmcall. Where KVM_CAP_DISABLE_QUIRKS2 offers it the quirk is turned off,
+    so guest memory keeps the guest's instruction and KVM injects #UD for the other vendor's.
     """
-    want = b"\x0f\x01\xd9" if _cpu_is_amd(g) else b"\x0f\x01\xc1"
+    if vendor == "other_vendor":
+        _set_vendor(g, VENDORS["intel" if _cpu_is_amd(g) else "amd"][0])
+    want = VENDORS["amd" if _cpu_is_amd(g) else "intel"][1]
+    quirks = g.vm.check_extension(Cap.DISABLE_QUIRKS2)
+    if quirks & Quirk.FIX_HYPERCALL_INSN:
+        g.vm.enable_cap(Cap.DISABLE_QUIRKS2, Quirk.FIX_HYPERCALL_INSN)
+    base = g.image.symbol("kvm_hypercall")
+    loaded = g.read_phys(base, 256)        # before the first run: nothing patched yet
+
+    def guest_insn(rip: int) -> bytes:
+        assert "kvm_hypercall+" in g.image.symbolize(rip), g.image.symbolize(rip)
+        return loaded[rip - base:rip - base + 3]
+
     vcpu = g.vcpu("guest_hypercall", KVM_HC_MAP_GPA_RANGE, 1 << 32, 1, 0)
     try:
         uc = g.run_until_ucall(vcpu, timeout=1.0)
     except GuestTimeout as e:
-        assert g.read_phys(e.rip, 3) == want, g.image.symbolize(e.rip)
-        assert "kvm_hypercall+" in g.image.symbolize(e.rip)
+        assert guest_insn(e.rip) == want, g.image.symbolize(e.rip)
+        return
+    except GuestException as e:
+        # Quirk disabled and the vendor is not KVM's: #UD at the guest's (vendor) instruction.
+        assert quirks & Quirk.FIX_HYPERCALL_INSN and e.vector == 6, str(e)
+        assert guest_insn(e.rip) == want, g.image.symbolize(e.rip)
+        assert g.read_phys(e.rip, 3) == want, "patched although the quirk is disabled"
         return
     assert uc.cmd == UcallCmd.SYNC and uc.args == ((-KVM_ENOSYS) & (2**64 - 1),), str(uc)
 
@@ -236,6 +278,26 @@ def test_guest_reads_and_writes_test_memory(g: GuestVm, backing: str, with_gmem:
     assert g.expect_sync(vcpu).args == (0xC3C3C3C3C3C3C3C3,)
     g.expect_done(vcpu)
     assert mem.read(0, mem.size) == b"\xc3" * mem.size
+
+
+def test_hugetlb_backing_is_whole_huge_pages(kvm: Kvm) -> None:
+    """A hugetlb backing smaller than a huge page maps whole huge pages: MFD_HUGETLB files
+    are truncated and mapped in multiples of the huge page size (mmap EINVAL otherwise), while
+    the memslot uses the size asked for (issue 12: an 8 KiB hugetlb memfd failed to map)."""
+    assert hugetlb_size(0x2000, PAGE_2M) == PAGE_2M
+    assert hugetlb_size(PAGE_2M + 0x1000, PAGE_2M) == 2 * PAGE_2M
+    with pytest.raises(ValueError):
+        hugetlb_size(0, PAGE_2M)
+    try:
+        b = make_backing(kvm.backend, "hugetlb", 0x2000)
+    except BackingUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        assert b.size == hugetlb_size(0x2000) and b.size % hugetlb_page_size() == 0
+        b.mapping.write(0x1000, b"\x5a" * 8)
+        assert b.mapping.read(0x1000, 8) == b"\x5a" * 8
+    finally:
+        b.close()
 
 
 def test_2m_guest_page_maps_virtual_range(g: GuestVm) -> None:

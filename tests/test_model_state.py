@@ -157,3 +157,50 @@ def test_private_gfn_without_memslot_is_a_memory_fault() -> None:
     m.set_attributes(BASE, PAGE, ATTR_PRIVATE)
     assert m.guest_read(BASE + 8) == Fault(MEM_EXIT_FLAG_PRIVATE, BASE)
     assert m.guest_write(BASE + PAGE, 1) == Mmio(BASE + PAGE, True)
+
+
+# --- the known issue "stale MMIO SPTE" (docs/findings.md) -------------------------------------
+def stale_model() -> Model:
+    return Model(Config(guest_memfd=True, gmem_flags=GMEM_FLAG_MMAP, attributes=ATTR_PRIVATE,
+                        stale_mmio_spte=True))
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["documented", "known_issue"])
+def test_private_noslot_after_mmio(stale: bool) -> None:
+    """What real 6.12.117 / 7.3.4 did in the VM (selftests/test_known_issue_mmio_spte.py)
+    versus the documented behaviour the emulator keeps."""
+    m = stale_model() if stale else model()
+    assert m.guest_read(BASE) == Mmio(BASE, False)
+    assert m.set_attributes(BASE, PAGE, ATTR_PRIVATE) == OK
+    want = Mmio(BASE, False) if stale else Fault(MEM_EXIT_FLAG_PRIVATE, BASE)
+    assert m.guest_read(BASE) == want
+    # A memslot created elsewhere makes the MMIO SPTE stale: a shared-access fault (flags 0).
+    assert m.set_slot(0, BASE + 16 * PAGE, PAGE, "backing", None, 0) == OK
+    assert m.guest_read(BASE) == (Fault(0, BASE) if stale else Fault(MEM_EXIT_FLAG_PRIVATE, BASE))
+    # Deleting a memslot zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL): documented again.
+    assert m.delete_slot(0) == OK
+    assert m.guest_read(BASE) == Fault(MEM_EXIT_FLAG_PRIVATE, BASE)
+
+
+def test_stale_mmio_spte_over_a_new_gmem_slot_until_attributes_zap() -> None:
+    m = stale_model()
+    assert m.guest_read(BASE) == Mmio(BASE, False)
+    m.set_attributes(BASE, PAGE, ATTR_PRIVATE)
+    _, gid = m.create_gmem(PAGE, 0)
+    assert gid is not None
+    assert m.set_slot(0, BASE, PAGE, "backing", gid, 0) == OK
+    assert m.guest_read(BASE) == Fault(0, BASE)          # observed on 7.3.4
+    # An attribute change inside the memslot zaps the SPTE: served as documented after it.
+    m.set_attributes(BASE, PAGE, 0)
+    assert m.guest_read(BASE) == Mem(0, "shared")
+    m.set_attributes(BASE, PAGE, ATTR_PRIVATE)
+    assert m.guest_read(BASE) == Mem(0, "gmem")
+
+
+def test_attribute_noop_does_not_zap_and_shared_mmio_stays_mmio() -> None:
+    m = stale_model()
+    assert m.guest_read(BASE) == Mmio(BASE, False)
+    assert m.set_attributes(BASE, PAGE, 0) == OK         # already shared: no-op
+    assert m.guest_read(BASE) == Mmio(BASE, False)
+    assert m.set_slot(0, BASE + 16 * PAGE, PAGE, "backing", None, 0) == OK
+    assert m.guest_read(BASE) == Mmio(BASE, False)       # shared: the slow path, MMIO again

@@ -5,7 +5,8 @@ Backings (the selftests' vm_mem_backing_src_type):
                the emulated KVM can alias into a guest;
   "anonymous"  private anonymous memory;
   "thp"        private anonymous memory, 2 MiB aligned, madvise(MADV_HUGEPAGE);
-  "hugetlb"    a memfd with MFD_HUGETLB (needs free hugetlb pages on the host);
+  "hugetlb"    a memfd with MFD_HUGETLB (needs free hugetlb pages on the host), mapped in whole
+               huge pages (the size rounded up; the memslot uses the size asked for);
   "none"       no host backing (a guest_memfd-only slot; userspace_addr from ``shared``).
 """
 
@@ -34,9 +35,25 @@ def _meminfo(key: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def hugetlb_page_size() -> int:
+    """The default hugetlb page size (/proc/meminfo Hugepagesize; 2 MiB on x86 if absent)."""
+    return (_meminfo("Hugepagesize") * 1024) or PAGE_2M
+
+
+def hugetlb_size(size: int, page: int | None = None) -> int:
+    """``size`` rounded up to whole huge pages: a MFD_HUGETLB file can only be truncated and
+    mapped in multiples of its page size (mm/hugetlb.c hugetlb_get_unmapped_area /
+    hugetlbfs_file_mmap: EINVAL for a length that is not huge-page aligned)."""
+    if size <= 0:
+        raise ValueError(f"hugetlb backing size {size:#x} must be positive")
+    page = hugetlb_page_size() if page is None else page
+    return -(-size // page) * page
+
+
 def hugetlb_available(size: int) -> tuple[bool, str]:
     free = _meminfo("HugePages_Free")
     page_kb = _meminfo("Hugepagesize")
+    size = hugetlb_size(size, page_kb * 1024 or PAGE_2M)
     if free * page_kb * 1024 < size:
         return False, (f"hugetlb backing of {size:#x} bytes needs free hugetlb pages: "
                        f"HugePages_Free={free} ({page_kb} kB pages) on this host")
@@ -85,7 +102,8 @@ def make_backing(backend: Backend, kind: str, size: int, name: str = "kvmpy-test
         ok, why = hugetlb_available(size)
         if not ok:
             raise BackingUnavailable(why)
-        sm = SharedMemory(backend, size, name, hugetlb=True)
+        # The mapping covers whole huge pages; the memslot uses the first ``size`` bytes.
+        sm = SharedMemory(backend, hugetlb_size(size), name, hugetlb=True)
         return Backing(kind, sm.mapping, sm)
     if kind == "anonymous":
         return Backing(kind, anonymous(backend, size, name))
@@ -163,4 +181,4 @@ class MemRegion:
 
 
 __all__ = ["BACKINGS", "Backing", "BackingUnavailable", "MemRegion", "hugetlb_available",
-           "make_backing", "thp_available"]
+           "hugetlb_page_size", "hugetlb_size", "make_backing", "thp_available"]

@@ -6,20 +6,34 @@ sequences do something valid (and some hit the documented error paths). A failin
 the sequence so far, as a ready-to-paste pytest test, as a note on the exception: after
 hypothesis shrinks the sequence, the note of the final (minimal) run is the reproducer.
 
-Environment: KVMPY_MODEL_EXAMPLES (default 25), KVMPY_MODEL_STEPS (default 40),
-KVMPY_MODEL_RANDOM=1 (explore new sequences instead of the derandomized ones),
-KVMPY_MODEL_SHRINK=0 (report the first failing sequence unshrunk).
+Budget (:func:`run_machine`): a time per (backend, VM type), KVMPY_MODEL_BUDGET seconds
+(default 15), capped at a third of the per-test timeout, so a slow backend (real KVM in a TCG
+VM is ~10x slower than the emulator on the host) runs fewer examples in the same time and never
+reaches the timeout. Examples are seeded 0, 1, 2, ... (the same sequences in the same order every
+run; how many fit depends on the machine) unless KVMPY_MODEL_RANDOM=1.
+KVMPY_MODEL_EXAMPLES=N instead runs exactly N examples, whatever they cost (kvmpy.faultcheck).
+KVMPY_MODEL_STEPS (default 40) bounds the steps of one example. KVMPY_MODEL_SHRINK=0/1 turns
+shrinking a failing sequence off/on; by default it is on for the emulated KVM and off on real
+KVM, where shrinking under TCG can outlast any per-test timeout (the unshrunk sequence is
+still reported as a reproducer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections import Counter
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from ..system import Kvm
 from ..testing.errnos import errname
@@ -30,11 +44,17 @@ from .state import GMEM_FLAG_INIT_SHARED, GMEM_FLAG_MMAP, PAGE, Mem
 REPRO_HEADER = "Reproducer (paste into selftests/, runs with the kvm fixture):"
 
 EXAMPLES = int(os.environ.get("KVMPY_MODEL_EXAMPLES", "25"))
+#: Set: a count of examples instead of the time budget.
+EXAMPLES_SET = bool(os.environ.get("KVMPY_MODEL_EXAMPLES"))
+BUDGET = float(os.environ.get("KVMPY_MODEL_BUDGET", "15"))
+#: Examples hypothesis may generate in a budgeted run (a fast backend stops here).
+EXAMPLES_CAP = 200
 STEPS = int(os.environ.get("KVMPY_MODEL_STEPS", "40"))
 RANDOM = os.environ.get("KVMPY_MODEL_RANDOM", "") not in ("", "0")
 #: KVMPY_MODEL_SHRINK=0 reports the first failing sequence unshrunk (the fault self-check only
 #: needs to know that a sequence fails; shrinking one can take minutes).
-SHRINK = os.environ.get("KVMPY_MODEL_SHRINK", "1") not in ("", "0")
+_SHRINK_ENV = os.environ.get("KVMPY_MODEL_SHRINK", "")
+SHRINK = _SHRINK_ENV not in ("0",)
 
 NSLOTS = 4
 MAX_GMEMS = 3
@@ -241,4 +261,71 @@ def machine_settings(examples: int | None = None, steps: int | None = None,
 
 
 
-__all__ = ["REPRO_HEADER", "machine_settings", "make_machine"]
+@dataclasses.dataclass
+class BudgetRun:
+    """What :func:`run_machine` did: examples run, seconds, the budget and why it stopped."""
+
+    examples: int
+    seconds: float
+    budget: float | None
+    stopped: str
+
+
+def model_budget(per_test_timeout: float | None) -> float:
+    """KVMPY_MODEL_BUDGET, capped at a third of the per-test timeout (0/None: no timeout)."""
+    if per_test_timeout:
+        return min(BUDGET, per_test_timeout / 3)
+    return BUDGET
+
+
+def run_machine(kvm: Kvm, vm_type: int, stats: Counter[str] | None = None, *,
+                budget: float | None = None, examples: int | None = None,
+                steps: int | None = None, shrink: bool | None = None) -> BudgetRun:
+    """Run the state machine for ``kvm`` / ``vm_type`` within ``budget`` seconds, or exactly
+    ``examples`` examples when given (or KVMPY_MODEL_EXAMPLES is set).
+
+    With a budget the examples come in hypothesis runs ("chunks") seeded 0, 1, 2, ...: the
+    first of 2 examples measures what one costs on this backend, each next one at most doubles
+    the examples so far and fits what is left of the budget at the costliest rate seen (at most
+    EXAMPLES_CAP examples in all). The clock is read only
+    between hypothesis runs: inside one, generation and the replays of a failing example stay
+    deterministic (hypothesis calls time-dependent behaviour flaky). A failure propagates with
+    the sequence as a reproducer note (shrunk by hypothesis when ``shrink``)."""
+    if shrink is None:
+        shrink = SHRINK if _SHRINK_ENV else not kvm.backend.is_real
+    if examples is None and budget is None and EXAMPLES_SET:
+        examples = EXAMPLES
+    t0 = time.monotonic()
+    if examples is not None:
+        run_state_machine_as_test(make_machine(kvm, vm_type, stats),
+                                  settings=machine_settings(examples, steps, shrink))
+        return BudgetRun(examples, time.monotonic() - t0, None, f"{examples} examples")
+    budget = BUDGET if budget is None else budget
+    done, chunk, per_example = 0, 0, 0.0
+    why = f"all {EXAMPLES_CAP} examples within the budget"
+    while done < EXAMPLES_CAP:
+        left = budget - (time.monotonic() - t0)
+        # Chunks at most double the examples so far, so the estimate catches up with costlier
+        # (longer, later) examples before a big chunk is committed.
+        n = 2 if not done else min(EXAMPLES_CAP - done, 2 * done,
+                                   int(left / max(per_example, 1e-3)))
+        if n < 1 or left <= 0:
+            why = (f"budget of {budget:g} s spent ({per_example:.2f} s per example on "
+                   f"{kvm.backend.name})")
+            break
+        machine = make_machine(kvm, vm_type, stats)
+        if not RANDOM:
+            # hypothesis.seed() on the machine class (run_state_machine_as_test copies it).
+            machine._hypothesis_internal_use_seed = chunk
+        t = time.monotonic()
+        run_state_machine_as_test(machine, settings=settings(
+            machine_settings(n, steps, shrink), derandomize=False))
+        took = time.monotonic() - t
+        per_example = max(per_example, took / n) if done else took / n
+        done += n
+        chunk += 1
+    return BudgetRun(done, time.monotonic() - t0, budget, why)
+
+
+__all__ = ["REPRO_HEADER", "BudgetRun", "machine_settings", "make_machine", "model_budget",
+           "run_machine"]

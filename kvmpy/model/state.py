@@ -68,6 +68,9 @@ class Config:
     bind_overlap_errnos: frozenset[int] = frozenset({errno.EEXIST, errno.EINVAL})
     #: 6.18 "guest_memfd only" slots: GUEST_MEMFD_FLAG_MMAP files serve shared gfns.
     gmem_only_mmap: bool = True
+    #: Model the known KVM issue "stale MMIO SPTE" (kvmpy.testing.known_issues, docs/findings.md)
+    #: instead of the documented behaviour: only for real KVM; the emulator is documented.
+    stale_mmio_spte: bool = False
 
 
 @dataclasses.dataclass
@@ -154,6 +157,30 @@ class Model:
         self.slots: dict[int, Slot] = {}
         self.private: set[int] = set()        # gfns with KVM_MEMORY_ATTRIBUTE_PRIVATE
         self._next_gid = 0
+        # Known issue "stale MMIO SPTE" (Config.stale_mmio_spte; docs/findings.md): gfn -> the
+        # memslot generation of the MMIO SPTE an access without memslot installed
+        # (kvm_handle_noslot_fault -> make_mmio_spte), and the generation, bumped by every
+        # memslot change (kvm_swap_active_memslots).
+        self.mmio_sptes: dict[int, int] = {}
+        self.memslot_gen = 0
+
+    # --- SPTE lifetime, for the known issue ---------------------------------------------------
+    def _zap_slot_gfns(self, lo: int, hi: int) -> None:
+        """kvm_unmap_gfn_range() over memslots only: drop cached MMIO SPTEs for gfns in
+        [lo, hi) that lie inside a memslot (kvm_handle_gfn_range() skips the rest)."""
+        for gfn in [g for g in self.mmio_sptes if lo <= g < hi]:
+            if self.slot_at(gfn * PAGE) is not None:
+                del self.mmio_sptes[gfn]
+
+    def _zap_gmem_range(self, gid: int, off: int, end: int) -> None:
+        """kvm_gmem_invalidate_begin(): unmap the gfns bound to [off, end) of ``gid``."""
+        for s in self.slots.values():
+            if s.gmem == gid and s.bound:
+                lo = max(off, s.gmem_offset)
+                hi = min(end, s.gmem_offset + s.size)
+                if lo < hi:
+                    base = (s.gpa - s.gmem_offset) // PAGE
+                    self._zap_slot_gfns(base + lo // PAGE, base + -(-hi // PAGE))
 
     # --- guest_memfd files (api.rst 4.141) ------------------------------------------------
     def create_gmem(self, size: int, flags: int) -> tuple[Expect, int | None]:
@@ -171,6 +198,7 @@ class Model:
     def close_gmem(self, gid: int) -> None:
         """close(): the last reference drops the bindings (kvm_gmem_release())."""
         g = self.gmems[gid]
+        self._zap_gmem_range(gid, 0, g.size)
         g.open = False
         for s in self.slots.values():
             if s.gmem == gid:
@@ -189,6 +217,7 @@ class Model:
         if off % PAGE or length % PAGE:
             return err(errno.EINVAL)
         if mode & FALLOC_FL_PUNCH_HOLE:
+            self._zap_gmem_range(gid, off, off + length)
             g.punch(off, length)
             return OK
         if off + length > g.size:
@@ -230,6 +259,8 @@ class Model:
                     return self.config.bind_overlap_errnos
         self.slots[slot] = Slot(slot, gpa, size, hva, gid, gmem_offset if gid is not None else 0,
                                 Backing() if hva == "backing" else None, gid is not None)
+        # KVM_MR_CREATE zaps nothing; the new generation makes older MMIO SPTEs stale.
+        self.memslot_gen += 1
         return OK
 
     def delete_slot(self, slot: int) -> Expect:
@@ -237,6 +268,9 @@ class Model:
         if slot not in self.slots:
             return err(errno.EINVAL)
         del self.slots[slot]
+        # x86 deletion with KVM_X86_QUIRK_SLOT_ZAP_ALL (default): kvm_mmu_zap_all_fast().
+        self.mmio_sptes.clear()
+        self.memslot_gen += 1
         return OK
 
     def slot_at(self, gpa: int) -> Slot | None:
@@ -255,6 +289,10 @@ class Model:
                 or gpa % PAGE or size % PAGE or gpa + size > MASK64:
             return err(errno.EINVAL)
         gfns = range(gpa // PAGE, (gpa + size) // PAGE)
+        want_private = bool(attributes & ATTR_PRIVATE)
+        # kvm_vm_set_mem_attributes(): nothing (no zap) if the range already has them.
+        if any((g in self.private) != want_private for g in gfns):
+            self._zap_slot_gfns(gfns.start, gfns.stop)
         if attributes & ATTR_PRIVATE:
             self.private.update(gfns)
         else:
@@ -286,6 +324,17 @@ class Model:
     def resolve(self, gpa: int, is_write: bool) -> tuple[Outcome, dict[int, int] | None, int]:
         """The outcome of a guest qword access at ``gpa`` and, when it is served from memory,
         the store and the key the qword lives at."""
+        gen = self.mmio_sptes.get(gpa // PAGE) if self.config.stale_mmio_spte else None
+        if gen is not None:
+            # Known issue (docs/findings.md): the access hits the cached MMIO SPTE, a
+            # reserved-bit fault, for which kvm_mmu_page_fault() never sets
+            # PFERR_PRIVATE_ACCESS. Same generation: handle_mmio_page_fault() emulates MMIO.
+            if gen == self.memslot_gen:
+                return Mmio(gpa, is_write), None, 0
+            # Stale generation: the slow path sees a shared access to a private gfn,
+            # kvm_mmu_faultin_pfn() -> KVM_EXIT_MEMORY_FAULT without the PRIVATE flag.
+            if self.is_private(gpa):
+                return Fault(0, gpa & ~(PAGE - 1)), None, 0
         s = self.slot_at(gpa)
         if s is None:
             # kvm_handle_noslot_fault() (arch/x86/kvm/mmu/mmu.c, 6.10+): a private fault with
@@ -307,11 +356,21 @@ class Model:
         src = "gmem" if self._gmem_only(s) else "shared"
         return Mem(store.get(base + off, 0), src), store, base + off
 
+    def _accessed(self, gpa: int, out: Outcome) -> None:
+        """An MMIO exit leaves an MMIO SPTE behind; a mapped access replaces any SPTE."""
+        if isinstance(out, Mmio):
+            self.mmio_sptes[gpa // PAGE] = self.memslot_gen
+        elif isinstance(out, Mem):
+            self.mmio_sptes.pop(gpa // PAGE, None)
+
     def guest_read(self, gpa: int) -> Outcome:
-        return self.resolve(gpa, False)[0]
+        out = self.resolve(gpa, False)[0]
+        self._accessed(gpa, out)
+        return out
 
     def guest_write(self, gpa: int, value: int) -> Outcome:
         out, store, key = self.resolve(gpa, True)
+        self._accessed(gpa, out)
         if isinstance(out, Mem):
             assert store is not None
             store[key] = value & MASK64

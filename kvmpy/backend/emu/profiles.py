@@ -2,7 +2,8 @@
 
 A profile is data, never a version check scattered through the code: everything that differs
 between kernels lives here. ``upstream`` models 6.18+ with KVM_X86_SW_PROTECTED_VM built in and
-the TDP MMU enabled; ``6.12`` models v6.12 (no guest_memfd mmap, gmem binding only on VM types
+the TDP MMU enabled; ``7.3`` is the newest kernel CI boots (7.3.4): every answer checked against
+the real kernel in the VM stage (ci/compare-profiles, docs/running.md); ``6.12`` models v6.12 (no guest_memfd mmap, gmem binding only on VM types
 with private memory, EINVAL for overlapping guest_memfd bindings); ``host`` mirrors this
 machine's real KVM, probed at run time through HostBackend (see :func:`probe_host`).
 
@@ -162,13 +163,31 @@ def _v6_12() -> Profile:
     )
 
 
+def _v7_3() -> Profile:
+    # Linux 7.3.4 (Debian's linux-source-7.3) answers exactly as the upstream model: VM types
+    # 0x3, guest_memfd on both VM types with MMAP|INIT_SHARED on DEFAULT and MMAP on
+    # SW_PROTECTED VMs, PRIVATE attributes on SW_PROTECTED VMs only, EEXIST for overlapping
+    # bindings (measured: ../shared/kernels/linux-7.3.4-sw-protected/README.md, and in every CI
+    # run by ci/compare-profiles against probe_host() inside the VM).
+    return dataclasses.replace(
+        _upstream(), name="7.3",
+        description="v7.3 (as upstream: SW_PROTECTED VMs, memory attributes, guest_memfd "
+                    "MMAP|INIT_SHARED on DEFAULT VMs, MMAP on SW_PROTECTED VMs)")
+
+
+#: The profiles the CLI and pytest options offer (kvmpy/backend/select.py EMU_PROFILES mirrors
+#: this, and tests/test_cli_bad_input.py checks they are equal). "7.3" is not offered there yet:
+#: get_profile("7.3") and main(["7.3"]) work; CI uses "upstream", shown equal to 7.3.4.
 PROFILES = ("upstream", "6.12", "host")
+KNOWN_PROFILES = ("upstream", "7.3", "6.12", "host")
 
 
 def get_profile(name: str) -> Profile:
-    """A profile by name: "upstream" (default), "6.12", or "host" (probes /dev/kvm)."""
+    """A profile by name: "upstream" (default), "7.3", "6.12", or "host" (probes /dev/kvm)."""
     if name == "upstream":
         return _upstream()
+    if name == "7.3":
+        return _v7_3()
     if name == "6.12":
         return _v6_12()
     if name == "host":
@@ -378,5 +397,53 @@ def _probe_pre_fault(io: object, vfd: int) -> int:
         os.close(cfd)
 
 
-__all__ = ["MODELLED_CAPS", "PROFILES", "HostProbeError", "Profile", "get_profile",
-           "probe_host"]
+def profile_answers(p: Profile) -> dict[str, object]:
+    """What a profile answers, as JSON-ready data keyed by names (capabilities by their Cap
+    name, VM types by theirs), so a real kernel's answers (:func:`probe_host` in a VM) and an
+    emulator profile's can be compared field by field (ci/compare-profiles)."""
+    def caps(table: Mapping[int, int]) -> dict[str, int]:
+        return {Cap(c).name: p.cap(c) if table is p.system_caps else int(table.get(c, 0))
+                for c in sorted(MODELLED_CAPS)}
+
+    return {
+        "name": p.name,
+        "vm_types": p.vm_types,
+        "system_caps": caps(p.system_caps),
+        "vm_caps": {VmType(t).name: caps(v) for t, v in sorted(p.vm_caps.items())},
+        "gmem_flags": {VmType(t).name: int(v) for t, v in sorted(p.gmem_flags.items())},
+        "gmem_slot_vm_types": p.gmem_slot_vm_types,
+        "memory_attributes_ioctl": p.memory_attributes_ioctl,
+        "errnos": {k: errno.errorcode.get(v, str(v)) if v else "0" for k, v in (
+            ("gmem_overlap", p.gmem_overlap_errno), ("gmem_rw", p.gmem_rw_errno),
+            ("gmem_prw", p.gmem_prw_errno), ("gmem_mmap_noflag", p.gmem_mmap_noflag_errno),
+            ("gmem_collapse", p.gmem_collapse_errno),
+            # Only meaningful where pre-faulting is absent: probe_host() measures a pre-fault
+            # without memslot, which a capable kernel answers with ENOENT.
+            *((("pre_fault_absent", p.pre_fault_absent_errno),)
+              if not p.cap(Cap.PRE_FAULT_MEMORY) else ()))},
+        "max_gpa_bits": p.max_gpa_bits,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``main([NAME])``: print :func:`profile_answers` of a
+    profile as JSON ("host" probes this machine's /dev/kvm: what the VM stage records)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in KNOWN_PROFILES:
+        print(f"usage: main([{'|'.join(KNOWN_PROFILES)}])",
+              file=sys.stderr)
+        return 2
+    try:
+        answers = profile_answers(get_profile(args[0]))
+    except HostProbeError as e:
+        print(f"profiles: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(answers, indent=1, sort_keys=True))
+    return 0
+
+
+__all__ = ["KNOWN_PROFILES", "MODELLED_CAPS", "PROFILES", "HostProbeError", "Profile", "get_profile",
+           "main", "probe_host", "profile_answers"]
