@@ -8,20 +8,21 @@
   ``mmap``, ``mmap_init_shared``); a set the VM does not offer in KVM_CAP_GUEST_MEMFD_FLAGS skips.
 * Every test module is wrapped in an fd-leak check: fds opened during the module and still open
   after it (and after its module fixtures) fail the module's last test at teardown, naming each fd
-  and what it points at. Fds opened while session fixtures were set up are not counted.
+  and what it points at. Fds opened while session fixtures were set up (a backend's own, for the
+  process's life) are not counted (kvmpy.testing.plugin.SESSION_FDS).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
 from kvmpy.backend.select import kvm_available
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import valid_gmem_flags
+from kvmpy.testing.plugin import SESSION_FDS
 from kvmpy.testing.require import skip_missing, where
 from kvmpy.uapi import Cap, GuestMemfdFlag, VmType
 from kvmpy.vm import Vm
@@ -130,9 +131,6 @@ def gmem_flags_offered(gmem_vm: Vm, gmem_flags: int) -> int:
 
 # --- fd-leak check around every module --------------------------------------------------------
 
-_session_fds: set[int] = set()
-
-
 def open_fds() -> dict[int, str]:
     """This process's open fds and what they point at (the listing's own fd is dropped)."""
     out: dict[int, str] = {}
@@ -145,19 +143,6 @@ def open_fds() -> dict[int, str]:
     return out
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
-                         request: pytest.FixtureRequest) -> Iterator[Any]:
-    """Fds a session fixture opens (e.g. a backend's device) live for the session: not leaks."""
-    if fixturedef.scope != "session":
-        return (yield)
-    before = set(open_fds())
-    try:
-        return (yield)
-    finally:
-        _session_fds.update(set(open_fds()) - before)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fd_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail the module if it leaves fds open (VMs, vCPUs, guest_memfds, memfds...)."""
@@ -165,7 +150,7 @@ def fd_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     after = open_fds()
     leaked = {fd: t for fd, t in after.items()
-              if fd not in _session_fds and before.get(fd) != t}
+              if fd not in SESSION_FDS and before.get(fd) != t}
     if leaked:
         names = ", ".join(f"fd {fd} -> {t}" for fd, t in sorted(leaked.items()))
         pytest.fail(f"fd leak: {request.module.__name__} left {len(leaked)} fd(s) open: {names}",

@@ -32,7 +32,7 @@ from kvmpy.testing.errnos import (
     memslot_accepts_guest_memfd,
     valid_memslot_flags,
 )
-from kvmpy.testing.require import where
+from kvmpy.testing.require import require_cap, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemFlag
 from kvmpy.vm import Vm
 
@@ -50,6 +50,12 @@ def host_mem(kvm: Kvm) -> Iterator[SharedMemory]:
     """16 MiB of memfd-backed host memory for userspace_addr (not populated)."""
     with SharedMemory(kvm.backend, 16 << 20, "memslot-backing") as m:
         yield m
+
+
+@pytest.fixture
+def region2(vm: Vm) -> None:
+    """KVM_SET_USER_MEMORY_REGION2 exists (KVM_CAP_USER_MEMORY2; absent before 6.8: ENOTTY)."""
+    require_cap(vm, Cap.USER_MEMORY2)
 
 
 @pytest.fixture
@@ -72,6 +78,8 @@ def test_invalid_flags(kvm: Kvm, vm: Vm, host_mem: SharedMemory, ioctl: str) -> 
     test_invalid_memory_region_flags; kvm_main.c check_memory_region_flags(), v1 accepts only
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS)."""
     v2 = ioctl == "region2"
+    if v2:
+        require_cap(vm, Cap.USER_MEMORY2)
     valid = valid_memslot_flags(vm, v2=v2)
     gmem = vm.create_guest_memfd(M2) if v2 and memslot_accepts_guest_memfd(vm) else None
     wrong = []
@@ -216,6 +224,7 @@ GPA_OVERLAPS = [
 @pytest.mark.parametrize("kind", ["plain", "guest_memfd"])
 @pytest.mark.parametrize("gpa,size,want", [r[1:] for r in GPA_OVERLAPS],
                          ids=[r[0] for r in GPA_OVERLAPS])
+@pytest.mark.usefixtures("region2")
 def test_overlapping_gpa(vm: Vm, host_mem: SharedMemory, kind: str, gpa: int, size: int,
                          want: int) -> None:
     """A new slot whose GPA range overlaps an existing slot is EEXIST; adjacent ranges are fine.
@@ -263,6 +272,7 @@ def test_overlapping_file_ranges(bind_vm: Vm, host_mem: SharedMemory) -> None:
 # --- lifetime of a slot ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["plain", "guest_memfd"])
+@pytest.mark.usefixtures("region2")
 def test_delete_and_recreate(vm: Vm, host_mem: SharedMemory, kind: str) -> None:
     """A deleted slot can be recreated identically, and deleting frees its GPA range (and its
     guest_memfd range) for another slot; deleting a slot that does not exist is EINVAL
@@ -309,6 +319,7 @@ def test_modify_guest_memfd_slot(bind_vm: Vm, host_mem: SharedMemory, flags: int
                  errno.EEXIST, "slot 10 must survive a refused change")
 
 
+@pytest.mark.usefixtures("region2")
 def test_modify_plain_slot(vm: Vm, host_mem: SharedMemory) -> None:
     """Control for the guest_memfd rows: a plain slot can move and toggle LOG_DIRTY_PAGES
     (api.rst 4.35: slots may be moved in the guest physical address space and their flags

@@ -60,7 +60,7 @@ def _make_backend(name: str, emu_profile: str | None) -> Backend:
 # environment variable is one clear line instead of a traceback (or a wrong run) later.
 
 BACKEND_CHOICES = ("auto", "kvm", "emu", "both")
-EMU_PROFILES = ("upstream", "6.12", "host")  # kvmpy.backend.emu.profiles.PROFILES
+EMU_PROFILES = ("upstream", "7.3", "6.12", "host")  # kvmpy.backend.emu.profiles.PROFILES
 BOOL_CHOICES = {"": False, "0": False, "1": True, "false": False, "true": True,
                 "no": False, "yes": True, "off": False, "on": True}
 

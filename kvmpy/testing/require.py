@@ -64,8 +64,9 @@ def require_cap(obj: Kvm | Vm, cap: Cap, mask: int | None = None) -> int:
 
 
 def require_vm_type(kvm: Kvm, vm_type: VmType) -> None:
-    """Skip unless KVM_CAP_VM_TYPES offers ``vm_type``."""
-    mask = kvm.check_extension(Cap.VM_TYPES)
+    """Skip unless KVM_CAP_VM_TYPES offers ``vm_type`` (a kernel without the capability, before
+    6.8, answers 0 and offers KVM_X86_DEFAULT_VM alone)."""
+    mask = kvm.check_extension(Cap.VM_TYPES) or 1 << VmType.DEFAULT
     if not mask & (1 << vm_type):
         pytest.skip(f"KVM_X86_{vm_type.name}_VM not in KVM_CAP_VM_TYPES={mask:#x} on "
                     f"{where(kvm)}")

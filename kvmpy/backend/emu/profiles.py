@@ -176,10 +176,9 @@ def _v7_3() -> Profile:
 
 
 #: The profiles the CLI and pytest options offer (kvmpy/backend/select.py EMU_PROFILES mirrors
-#: this, and tests/test_cli_bad_input.py checks they are equal). "7.3" is not offered there yet:
-#: get_profile("7.3") and main(["7.3"]) work; CI uses "upstream", shown equal to 7.3.4.
-PROFILES = ("upstream", "6.12", "host")
-KNOWN_PROFILES = ("upstream", "7.3", "6.12", "host")
+#: this, and tests/test_cli_bad_input.py checks they are equal). CI compares 7.3.4 with "7.3".
+PROFILES = ("upstream", "7.3", "6.12", "host")
+KNOWN_PROFILES = PROFILES
 
 
 def get_profile(name: str) -> Profile:
