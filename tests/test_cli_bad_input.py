@@ -93,7 +93,7 @@ RUN = ["run", "-n", "0", "test_marks.py"]
 @pytest.mark.parametrize("cmd", [["caps"], ["caps", "--backend", "emu"], RUN])
 @pytest.mark.parametrize("var,valid", [
     ("KVMPY_BACKEND", "auto, kvm, emu, both"),
-    ("KVMPY_EMU_PROFILE", "upstream, 6.12, host"),
+    ("KVMPY_EMU_PROFILE", "upstream, 7.3, 6.12, host"),
     ("KVMPY_INJECT_FAULT", "mmio-gpa"),
     ("KVMPY_REQUIRE_KVM", "0, 1"),
     ("KVMPY_MODEL_EXAMPLES", "integer >= 1"),
@@ -106,8 +106,8 @@ def test_garbage_environment(suite: Path, cmd: list[str], var: str, valid: str) 
 
 
 @pytest.mark.parametrize("args,wanted", [
-    (["--emu-profile", "garbage"], ["--emu-profile", "'garbage'", "upstream, 6.12, host"]),
-    (["--emu-profile=garbage"], ["--emu-profile", "'garbage'", "upstream, 6.12, host"]),
+    (["--emu-profile", "garbage"], ["--emu-profile", "'garbage'", "upstream, 7.3, 6.12, host"]),
+    (["--emu-profile=garbage"], ["--emu-profile", "'garbage'", "upstream, 7.3, 6.12, host"]),
     (["--backend", "garbage"], ["--backend", "'garbage'", "'auto', 'kvm', 'emu', 'both'"]),
     (["--timeout", "nan"], ["--timeout", "nan", "seconds >= 0"]),
     (["--timeout", "-1"], ["--timeout", "-1", "seconds >= 0"]),

@@ -27,6 +27,18 @@ MAP_NORESERVE = 0x4000
 MAP_FIXED_NOREPLACE = 0x100000
 
 
+def arg_pointer(arg: IoctlArg) -> int:
+    """The unsigned-long value an ioctl receives for ``arg``."""
+    if arg is None:
+        return 0
+    if isinstance(arg, int):
+        if not -(1 << 63) <= arg < 1 << 64:
+            raise OverflowError(f"ioctl argument {arg:#x} does not fit an unsigned long")
+        return arg & 0xFFFF_FFFF_FFFF_FFFF  # a negative long, as C passes it
+    return ctypes.addressof(arg)
+
+
+
 class Backend(abc.ABC):
     """The narrow syscall interface (see docs/design.md, "The backend seam").
 
@@ -93,6 +105,12 @@ class Backend(abc.ABC):
         """Interrupt a KVM_RUN in progress on ``vcpu_fd`` in thread ``thread_ident`` the way a
         signal does on real KVM: the run returns -1/EINTR with exit_reason KVM_EXIT_INTR.
         Only :class:`kvmpy.vcpu.Vcpu` calls it, between run_begin and run_end of that thread."""
+
+    def modelled_errno(self, behaviour: str) -> int | None:
+        """The errno this backend's kernel gives for a version-dependent ``behaviour``
+        (kvmpy.testing.errnos.Behaviour), when the backend knows it: the emulated KVM answers
+        from its kernel profile, a real kernel has no way to say (None)."""
+        return None
 
     @abc.abstractmethod
     def describe(self) -> str:

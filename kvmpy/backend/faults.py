@@ -346,6 +346,9 @@ class FaultBackend(Backend):
     def kick(self, vcpu_fd: int, thread_ident: int) -> None:
         self.inner.kick(vcpu_fd, thread_ident)
 
+    def modelled_errno(self, behaviour: str) -> int | None:
+        return self.inner.modelled_errno(behaviour)
+
     def describe(self) -> str:
         return f"{self.inner.describe()} [injected fault: {self.fault.name}]"
 

@@ -7,7 +7,6 @@ returns an fd), so ioctl goes straight to libc.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import signal
@@ -16,7 +15,7 @@ import threading
 from ..errors import KvmUnavailable
 from ..uapi.ioctls import Ioctl
 from ..uapi.structs import kvm_signal_mask_x86
-from . import Backend, IoctlArg, default_device
+from . import Backend, IoctlArg, arg_pointer, default_device
 from .libc import errno_error, libc, libc_fallocate, libc_madvise, libc_mmap, libc_munmap
 
 
@@ -24,17 +23,6 @@ def _check(ret: int, what: str) -> int:
     if ret == -1:
         raise errno_error(what)
     return ret
-
-
-def arg_pointer(arg: IoctlArg) -> int:
-    """The unsigned-long value an ioctl receives for ``arg``."""
-    if arg is None:
-        return 0
-    if isinstance(arg, int):
-        if not -(1 << 63) <= arg < 1 << 64:
-            raise OverflowError(f"ioctl argument {arg:#x} does not fit an unsigned long")
-        return arg & 0xFFFF_FFFF_FFFF_FFFF  # a negative long, as C passes it
-    return ctypes.addressof(arg)
 
 
 #: The signal that kicks a vCPU out of KVM_RUN.

@@ -50,6 +50,10 @@ def _make_backend(name: str, emu_profile: str | None) -> Backend:
         except ImportError as e:
             raise NotImplementedError(f"the emulated KVM backend is not available: {e}") from e
         profile = emu_profile or os.environ.get("KVMPY_EMU_PROFILE", "upstream")
+        if profile == "host":  # a real kernel's answers, probed above the seam
+            from ..caps import probe_profile
+
+            return EmuBackend(profile=probe_profile())
         backend: Backend = EmuBackend(profile=profile)
         return backend
     raise ValueError(f"unknown backend {name!r} (kvm, emu, auto)")

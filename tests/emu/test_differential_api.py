@@ -1,5 +1,5 @@
 """Differential probes: the same ioctl sequences and guest_memfd file operations on real KVM
-(HostBackend) and on the emulated KVM with the profile that mirrors it (EmuBackend("host")).
+(HostBackend) and on the emulated KVM with the profile that mirrors it (EmuBackend(profile=probe_profile())).
 
 Every probe returns a transcript (step name, return value or errno, bytes read back); the two
 transcripts must be equal. Runs wherever /dev/kvm opens; skips (naming it) where it does not.
@@ -19,6 +19,7 @@ from kvmpy import Kvm
 from kvmpy.backend import MAP_PRIVATE, MAP_SHARED, PROT_READ, Backend
 from kvmpy.backend.host import HostBackend
 from kvmpy.backend.select import kvm_available
+from kvmpy.caps import probe_profile
 from kvmpy.memory import SharedMemory
 from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import (
@@ -69,7 +70,7 @@ class Rec:
 def _backends() -> tuple[Backend, Backend]:
     from kvmpy.backend.emu import EmuBackend
 
-    return HostBackend(), EmuBackend(profile="host")
+    return HostBackend(), EmuBackend(profile=probe_profile())
 
 
 def differential(probe: Callable[[Kvm, Rec], None]) -> tuple[Transcript, Transcript]:
@@ -570,7 +571,7 @@ def test_raw_gmem_syscall_divergences_pinned() -> None:
     os.close(fd)
     with Kvm(HostBackend()) as kvm:
         real = _raw_divergences(kvm)
-    with Kvm(EmuBackend(profile="host")) as kvm:
+    with Kvm(EmuBackend(profile=probe_profile())) as kvm:
         emu = _raw_divergences(kvm)
     assert real == {"fallocate KEEP_SIZE": "ok", "mmap without MMAP flag": "ENODEV",
                     "fchmod": "EINVAL"}

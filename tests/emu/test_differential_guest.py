@@ -1,5 +1,5 @@
 """Differential guest programs: the same guests run on real KVM (HostBackend) and on the
-emulated KVM with the profile mirroring this machine (EmuBackend("host")); exits, registers
+emulated KVM with the profile mirroring this machine (EmuBackend(profile=probe_profile())); exits, registers
 and memory must be equal.
 
 Part A runs hand-assembled probes through the plain object layer (kvmpy.Kvm/Vm/Vcpu) and
@@ -34,6 +34,7 @@ from kvmpy.backend.emu.x86.testing import (
 )
 from kvmpy.backend.host import HostBackend
 from kvmpy.backend.select import kvm_available
+from kvmpy.caps import probe_profile
 from kvmpy.memory import SharedMemory
 from kvmpy.uapi import ExitReason, kvm_regs, kvm_sregs
 
@@ -48,7 +49,7 @@ MMIO_GPA = 0xD0000000
 def _backends() -> list[Backend]:
     from kvmpy.backend.emu import EmuBackend
 
-    return [HostBackend(), EmuBackend(profile="host")]
+    return [HostBackend(), EmuBackend(profile=probe_profile())]
 
 
 class Probe:

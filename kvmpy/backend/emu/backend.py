@@ -32,8 +32,7 @@ from ...uapi import (
     kvm_userspace_memory_region,
     kvm_userspace_memory_region2,
 )
-from .. import Backend, IoctlArg
-from ..host import arg_pointer
+from .. import Backend, IoctlArg, arg_pointer
 from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
 from ._libc import (
     copy_from_user,
@@ -434,6 +433,10 @@ class EmuBackend(Backend):
         if not isinstance(obj, EmuVcpuFd):
             raise OSError(errno.EBADF, f"fd {vcpu_fd} is not an emulated vCPU")
         obj.vcpu.kick()
+
+    def modelled_errno(self, behaviour: str) -> int | None:
+        # The profile is the record of what each kernel answers (kvmpy.testing.errnos.Behaviour).
+        return {"gmem_bind_overlap": self.profile.gmem_overlap_errno}.get(behaviour)
 
     def describe(self) -> str:
         try:

@@ -5,7 +5,7 @@ between kernels lives here. ``upstream`` models 6.18+ with KVM_X86_SW_PROTECTED_
 the TDP MMU enabled; ``7.3`` is the newest kernel CI boots (7.3.4): every answer checked against
 the real kernel in the VM stage (ci/compare-profiles, docs/running.md); ``6.12`` models v6.12 (no guest_memfd mmap, gmem binding only on VM types
 with private memory, EINVAL for overlapping guest_memfd bindings); ``host`` mirrors this
-machine's real KVM, probed at run time through HostBackend (see :func:`probe_host`).
+machine's real KVM, probed at run time above the seam (kvmpy.caps.probe_profile).
 
 KVM_CHECK_EXTENSION answers only for the capabilities in :data:`MODELLED_CAPS`; every other
 capability is 0, so tests needing it skip exactly as on a kernel without it.
@@ -13,25 +13,16 @@ capability is 0, so tests needing it skip exactly as on a kernel without it.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
-import functools
 import os
 from collections.abc import Mapping
 
 from ...uapi import (
     Cap,
     GuestMemfdFlag,
-    Ioctl,
-    MemFlag,
     MemoryAttribute,
     VmType,
-    kvm_create_guest_memfd,
-    kvm_memory_attributes,
-    kvm_pre_fault_memory,
-    kvm_userspace_memory_region,
-    kvm_userspace_memory_region2,
 )
 
 #: VM types the emulator can run (KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM).
@@ -74,7 +65,7 @@ class Profile:
     gmem_slot_vm_types: int
     #: False: KVM_SET_MEMORY_ATTRIBUTES is not compiled in (ENOTTY).
     memory_attributes_ioctl: bool
-    #: Binding a guest_memfd range that overlaps an existing binding (EINVAL up to 6.18,
+    #: Binding a guest_memfd range that overlaps an existing binding (EINVAL on 6.12,
     #: EEXIST in newer upstream).
     gmem_overlap_errno: int
     #: read/write/pread/pwrite on a guest_memfd (no read_iter/write_iter: EINVAL).
@@ -182,7 +173,8 @@ KNOWN_PROFILES = PROFILES
 
 
 def get_profile(name: str) -> Profile:
-    """A profile by name: "upstream" (default), "7.3", "6.12", or "host" (probes /dev/kvm)."""
+    """A profile by name: "upstream" (default), "7.3" or "6.12" ("host" is built from a real
+    kernel by kvmpy.caps.probe_profile)."""
     if name == "upstream":
         return _upstream()
     if name == "7.3":
@@ -190,210 +182,10 @@ def get_profile(name: str) -> Profile:
     if name == "6.12":
         return _v6_12()
     if name == "host":
-        return probe_host()
+        # Probing a real kernel happens above the seam (the emulator imports no real backend).
+        raise ValueError("the 'host' profile is probed by kvmpy.caps.probe_profile(); pass "
+                         "EmuBackend(profile=probe_profile()) or make_backend('emu', 'host')")
     raise ValueError(f"unknown emulator profile {name!r} (one of {', '.join(PROFILES)})")
-
-
-# --- probing the real KVM -------------------------------------------------------------------
-
-
-class HostProbeError(RuntimeError):
-    """The host profile could not be probed (no usable /dev/kvm)."""
-
-
-@functools.lru_cache(maxsize=1)
-def probe_host() -> Profile:
-    """Mirror this machine's KVM: caps on /dev/kvm and per VM type, valid guest_memfd flags,
-    whether GUEST_MEMFD slots bind, the overlap errno, attribute ioctl presence, max GPA."""
-    from ...errors import KvmUnavailable
-    from ..host import HostBackend
-
-    hb = HostBackend()
-    try:
-        kfd = hb.open_kvm()
-    except KvmUnavailable as e:
-        raise HostProbeError(f"the 'host' emulator profile probes real KVM: {e}") from e
-
-    def io(fd: int, req: int, arg: object = None) -> tuple[int, int]:
-        try:
-            return 0, hb.ioctl(fd, req, arg)  # type: ignore[arg-type]
-        except OSError as e:
-            return e.errno or 0, -1
-
-    try:
-        system = {int(c): max(io(kfd, Ioctl.KVM_CHECK_EXTENSION, int(c))[1], 0)
-                  for c in MODELLED_CAPS}
-        vm_types = (system.get(Cap.VM_TYPES, 0) or 1) & MODELLED_VM_TYPES
-        system[Cap.VM_TYPES] = vm_types if system.get(Cap.VM_TYPES) else 0
-        vm_caps: dict[int, dict[int, int]] = {}
-        gmem_flags: dict[int, int] = {}
-        slot_types = 0
-        extra: dict[str, str] = {}
-        overlap = errno.EINVAL
-        attrs_ioctl = True
-        rw_errno = errno.EINVAL
-        prw_errno = errno.ESPIPE
-        noflag_errno = errno.ENODEV
-        collapse_errno = errno.EINVAL
-        prefault_errno = errno.EOPNOTSUPP
-        max_bits = 52
-        for t in VmType.from_mask(vm_types):
-            err, vfd = io(kfd, Ioctl.KVM_CREATE_VM, int(t))
-            if err:
-                continue
-            try:
-                caps = {int(c): max(io(vfd, Ioctl.KVM_CHECK_EXTENSION, int(c))[1], 0)
-                        for c in MODELLED_CAPS}
-                vm_caps[int(t)] = caps
-                flags = 0
-                if caps.get(Cap.GUEST_MEMFD):
-                    for bit in range(64):
-                        e2, g = io(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD,
-                                   kvm_create_guest_memfd(size=4096, flags=1 << bit))
-                        if not e2:
-                            flags |= 1 << bit
-                            os.close(g)
-                gmem_flags[int(t)] = flags
-                if caps.get(Cap.GUEST_MEMFD):
-                    ok, ov, (rw, prw_errno), nf, col = _probe_gmem_binding(hb, vfd, flags)
-                    if ok:
-                        slot_types |= 1 << t
-                        overlap = ov
-                    rw_errno, noflag_errno = rw, nf
-                    if col is not None:
-                        collapse_errno = col
-                a = kvm_memory_attributes(0, 0, 0, 0)
-                if io(vfd, Ioctl.KVM_SET_MEMORY_ATTRIBUTES, a)[0] == errno.ENOTTY:
-                    attrs_ioctl = False
-                if t == VmType.DEFAULT:
-                    max_bits = _probe_max_gpa_bits(io, vfd)
-                    pe = _probe_pre_fault(io, vfd)
-                    if pe:
-                        prefault_errno = pe
-            finally:
-                os.close(vfd)
-    finally:
-        os.close(kfd)
-    extra["module"] = ",".join(m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
-                               if os.path.isdir(f"/sys/module/{m}")) or "kvm"
-    return Profile(
-        name="host",
-        description=f"mirror of this machine's KVM ({extra['module']}, probed)",
-        vm_types=vm_types,
-        system_caps=system,
-        vm_caps=vm_caps,
-        gmem_flags=gmem_flags,
-        gmem_slot_vm_types=slot_types,
-        memory_attributes_ioctl=attrs_ioctl,
-        gmem_overlap_errno=overlap,
-        gmem_rw_errno=rw_errno,
-        gmem_prw_errno=prw_errno,
-        gmem_mmap_noflag_errno=noflag_errno,
-        gmem_collapse_errno=collapse_errno,
-        pre_fault_absent_errno=prefault_errno,
-        max_gpa_bits=max_bits,
-        extra=extra,
-    )
-
-
-_PROBE_HVA = 0x7F00_0000_0000   # page aligned, below TASK_SIZE; KVM never touches it here
-
-
-def _probe_gmem_binding(hb: object, vfd: int, flags: int
-                        ) -> tuple[bool, int, tuple[int, int], int, int | None]:
-    """(GUEST_MEMFD slots bind, overlap errno, (read, pread) errnos, mmap-without-MMAP errno,
-    MADV_COLLAPSE errno or None)."""
-    from ..host import HostBackend
-
-    assert isinstance(hb, HostBackend)
-    g = hb.ioctl(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd(size=4 * 4096))
-    try:
-        rw = [0, 0]
-        for i in range(2):
-            try:
-                if i:
-                    os.pread(g, 8, 0)
-                else:
-                    os.read(g, 8)
-            except OSError as e:
-                rw[i] = e.errno or 0
-        try:
-            hb.munmap(hb.mmap(g, 4096, 3, 1), 4096)
-            noflag = 0
-        except OSError as e:
-            noflag = e.errno or 0
-
-        def region(slot: int, gpa: int, off: int) -> int:
-            r = kvm_userspace_memory_region2(slot=slot, flags=MemFlag.GUEST_MEMFD,
-                                             guest_phys_addr=gpa, memory_size=2 * 4096,
-                                             userspace_addr=_PROBE_HVA,
-                                             guest_memfd_offset=off, guest_memfd=g)
-            try:
-                hb.ioctl(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
-                return 0
-            except OSError as e:
-                return e.errno or 0
-
-        if region(0, 1 << 32, 0):
-            return False, errno.EINVAL, (rw[0], rw[1]), noflag, None
-        overlap = region(1, (1 << 32) + (1 << 20), 4096)
-        for slot, gpa in ((0, 1 << 32), (1, (1 << 32) + (1 << 20))):
-            r = kvm_userspace_memory_region2(slot=slot, guest_phys_addr=gpa)
-            try:
-                hb.ioctl(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION2, r)
-            except OSError:
-                pass
-    finally:
-        os.close(g)
-    collapse: int | None = None
-    mm = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
-    if flags & mm == mm:
-        g = hb.ioctl(vfd, Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd(size=2 << 20,
-                                                                                flags=mm))
-        try:
-            addr = hb.mmap(g, 2 << 20, 3, 1)
-            try:
-                hb.madvise(addr, 2 << 20, 25)  # MADV_COLLAPSE
-                collapse = 0
-            except OSError as e:
-                collapse = e.errno or 0
-            finally:
-                hb.munmap(addr, 2 << 20)
-        finally:
-            os.close(g)
-    return True, overlap, (rw[0], rw[1]), noflag, collapse
-
-
-def _probe_max_gpa_bits(io: object, vfd: int) -> int:
-    """The largest b such that a one-page slot ending at 1 << b is accepted."""
-    def ok(bits: int) -> bool:
-        r = kvm_userspace_memory_region(slot=0, flags=0,
-                                        guest_phys_addr=(1 << bits) - 4096,
-                                        memory_size=4096, userspace_addr=_PROBE_HVA)
-        err = io(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION, r)[0]  # type: ignore[operator]
-        if not err:
-            d = kvm_userspace_memory_region(slot=0, guest_phys_addr=(1 << bits) - 4096)
-            io(vfd, Ioctl.KVM_SET_USER_MEMORY_REGION, d)  # type: ignore[operator]
-        return not err
-
-    best = 32
-    for bits in range(33, 65):
-        if ok(bits):
-            best = bits
-    return best
-
-
-def _probe_pre_fault(io: object, vfd: int) -> int:
-    """The errno of a valid KVM_PRE_FAULT_MEMORY on a fresh vCPU with no memslot."""
-    err, cfd = io(vfd, Ioctl.KVM_CREATE_VCPU, 0)  # type: ignore[operator]
-    if err:
-        return 0
-    try:
-        r = kvm_pre_fault_memory(gpa=0, size=4096)
-        e, _ = io(cfd, Ioctl.KVM_PRE_FAULT_MEMORY, ctypes.pointer(r).contents)  # type: ignore[operator]
-        return int(e)
-    finally:
-        os.close(cfd)
 
 
 def profile_answers(p: Profile) -> dict[str, object]:
@@ -424,25 +216,5 @@ def profile_answers(p: Profile) -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``main([NAME])``: print :func:`profile_answers` of a
-    profile as JSON ("host" probes this machine's /dev/kvm: what the VM stage records)."""
-    import json
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in KNOWN_PROFILES:
-        print(f"usage: main([{'|'.join(KNOWN_PROFILES)}])",
-              file=sys.stderr)
-        return 2
-    try:
-        answers = profile_answers(get_profile(args[0]))
-    except HostProbeError as e:
-        print(f"profiles: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(answers, indent=1, sort_keys=True))
-    return 0
-
-
-__all__ = ["KNOWN_PROFILES", "MODELLED_CAPS", "PROFILES", "HostProbeError", "Profile", "get_profile",
-           "main", "probe_host", "profile_answers"]
+__all__ = ["KNOWN_PROFILES", "MODELLED_CAPS", "PROFILES", "Profile", "get_profile",
+           "profile_answers"]
