@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from .backend import Backend, IoctlArg
 from .errors import Errno, KvmError
 from .uapi.ioctls import Ioctl
-from .uapi.structs import KvmStruct
+from .uapi.structs import KvmStruct, check_int
 
 S = TypeVar("S", bound=KvmStruct)
 
@@ -24,13 +24,7 @@ def int_arg(request: Ioctl | str, name: str, value: object, lo: int = -(1 << 63)
     """``value`` as the integer an ioctl or syscall receives; TypeError/OverflowError naming the
     call and argument otherwise. The default range is a 64-bit register (signed or unsigned)."""
     call = request.name if isinstance(request, Ioctl) else request
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{call}: {name} must be an int, not {type(value).__name__} "
-                        f"({value!r})")
-    if not lo <= value <= hi:
-        raise OverflowError(f"{call}: {name}={value:#x} does not fit "
-                            f"[{lo:#x}, {hi:#x}]")
-    return int(value)
+    return check_int(f"{call}: {name}", value, lo, hi)
 
 
 def pack(request: Ioctl, cls: type[S], **fields: Any) -> S:

@@ -10,6 +10,8 @@ import ctypes
 import ctypes.util
 import os
 
+from ..uapi.structs import check_int
+
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -35,10 +37,7 @@ _SIZE_T = (0, (1 << 64) - 1)
 
 def _fits(call: str, **args: tuple[int, tuple[int, int]]) -> None:
     for name, (v, (lo, hi)) in args.items():
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{call}: {name} must be an int, not {type(v).__name__}")
-        if not lo <= v <= hi:
-            raise OverflowError(f"{call}: {name}={v:#x} does not fit [{lo:#x}, {hi:#x}]")
+        check_int(f"{call}: {name}", v, lo, hi)
 
 
 def errno_error(what: str) -> OSError:

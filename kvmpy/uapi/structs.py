@@ -36,6 +36,17 @@ def _limits(cls: type) -> _Limits:
     return lim
 
 
+def check_int(what: str, value: object, lo: int, hi: int, width: str = "") -> int:
+    """``value`` if it is an int in [lo, hi]; else TypeError/OverflowError naming ``what`` (the
+    one integer check of kvmpy: struct fields, ioctl arguments, libc arguments)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__} ({value!r})")
+    if not lo <= value <= hi:
+        fit = f"its {width} field" if width else f"[{lo:#x}, {hi:#x}]"
+        raise OverflowError(f"{what}={value:#x} does not fit {fit}")
+    return int(value)
+
+
 class KvmStruct(ctypes.Structure):
     """Base with a readable repr and byte helpers (the emulated backend decodes raw bytes).
 
@@ -52,12 +63,7 @@ class KvmStruct(ctypes.Structure):
         if b is not None:
             lo, hi, n, arr = b
             if n == 0:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"{type(self).__name__}.{name} must be an int, not "
-                                    f"{type(value).__name__} ({value!r})")
-                if not lo <= value <= hi:
-                    raise OverflowError(f"{type(self).__name__}.{name}={value:#x} does not fit "
-                                        f"its {_width(lo, hi)} field")
+                check_int(f"{type(self).__name__}.{name}", value, lo, hi, _width(lo, hi))
             elif not isinstance(value, ctypes.Array):
                 items = list(value)
                 if len(items) > n:
