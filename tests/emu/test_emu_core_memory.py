@@ -43,9 +43,13 @@ class SpyVcpu:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.hva_calls: list[tuple[int, int, bool]] = []
 
     def invalidate(self, lo: int, hi: int) -> None:
         self.calls.append((lo, hi))
+
+    def invalidate_hva(self, lo: int, hi: int, wait: bool = True) -> None:
+        self.hva_calls.append((lo, hi, wait))
 
     def ioctl(self, request: int, arg: int) -> int:
         raise OSError(errno.ENOTTY, "spy")
@@ -102,6 +106,27 @@ def test_memslot_lookup_and_invalidation(ekvm: Kvm) -> None:
         vm.set_user_memory_region(0, 0, GIB4, 0, 0)                # delete
         assert sp.calls == [(GIB4, GIB4 + 2 * MB)] and emu.find_memslot(GIB4) is None
         assert emu.memory_version > v0
+
+
+def test_backend_munmap_is_the_mmu_notifier(ekvm: Kvm) -> None:
+    """EmuBackend.munmap over a memslot's userspace_addr: every vCPU drops the range before
+    the pages go (waiting), the range counts as gone meanwhile, then a non-waiting rebuild
+    (kvm_mmu_notifier_invalidate_range_start/_end); an unrelated munmap zaps nothing."""
+    from kvmpy.memory import anonymous
+
+    with ekvm.create_vm() as vm:
+        emu, sp = emu_of(vm), spy(vm)
+        seen: list[list[tuple[int, int]]] = []
+        sp.invalidate_hva = lambda lo, hi, wait=True: (  # type: ignore[method-assign]
+            sp.hva_calls.append((lo, hi, wait)), seen.append(list(emu.hva_unmapping)))
+        mem, other = anonymous(ekvm.backend, 2 * MB), anonymous(ekvm.backend, MB)
+        vm.set_user_memory_region(0, 0, GIB4, MB, mem.addr + MB)
+        other.close()
+        assert sp.hva_calls == []
+        lo, hi = mem.addr, mem.addr + 2 * MB
+        mem.close()
+        assert sp.hva_calls == [(lo, hi, True), (lo, hi, False)]
+        assert seen == [[(lo, hi)], []] and emu.hva_unmapping == []
 
 
 def test_memslot_validation_errnos(ekvm: Kvm) -> None:

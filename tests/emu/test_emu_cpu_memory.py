@@ -9,6 +9,8 @@ import errno
 import mmap
 import os
 import struct
+import threading
+import time
 
 import pytest
 
@@ -25,6 +27,7 @@ from kvmpy.uapi import (
     VmType,
     kvm_regs,
 )
+from kvmpy.vcpu import Exit
 
 pytestmark = pytest.mark.guest
 
@@ -343,3 +346,38 @@ def test_emu_backend_private_access_without_gmem_memory_fault():
     mem.close()
     low.close()
     kvm.close()
+
+
+def _unmap_during_run() -> str:
+    """In a child: a vCPU thread spins reading an anonymous-backed slot; the main thread closes
+    the backing through kvmpy while the guest runs. Returns what the runs ended with."""
+    kvm = Kvm(EmuBackend())
+    vm = kvm.create_vm(VmType.DEFAULT)
+    _low, vcpu = _emu_vcpu_guest(kvm, vm, f"mov rbx, {GPA}\n1: mov r12, [rbx]\njmp 1b")
+    mem = anonymous(kvm.backend, 4 * PAGE)
+    mem.write(0, struct.pack("<Q", 0x77))
+    vm.set_user_memory_region2(1, 0, GPA, 4 * PAGE, mem.addr)
+    exits: list[object] = []
+    t = threading.Thread(target=lambda: exits.append(vcpu.run()), daemon=True)
+    t.start()
+    time.sleep(0.2)              # the guest is spinning on the slot by now
+    mem.close()                  # EmuBackend.munmap: the emulated MMU notifier
+    t.join(10.0)
+    assert not t.is_alive(), "KVM_RUN did not end after the backing was unmapped"
+    ex = exits[0]
+    assert isinstance(ex, Exit), ex
+    if ex.errno != errno.EFAULT:
+        ex = vcpu.run()       # KVM may finish the slice first; the next run faults
+    return f"{int(ex.reason)} {int(ex.errno)}"
+
+
+def test_anonymous_backing_closed_while_vcpu_runs_in_another_thread_is_efault():
+    """issue 11 item 4: munmap of a directly mapped (anonymous) backing while a vCPU runs on it
+    in another thread. KVM's MMU notifier zaps the range; the next fault finds no VMA and KVM_RUN
+    fails with EFAULT (arch/x86/kvm/mmu/mmu.c kvm_handle_error_pfn: KVM_PFN_ERR_FAULT). The
+    emulator must take the range out of unicorn before the pages go, or the process dies."""
+    from kvmpy.testing.child import run_in_child
+
+    out = run_in_child(_unmap_during_run, timeout=60.0)
+    assert out.ok, out.describe()
+    assert out.text.split() == [str(int(ExitReason.MEMORY_FAULT)), str(errno.EFAULT)], out.text

@@ -10,11 +10,13 @@ an fd closed behind the backend's back and reused is foreign. Foreign fds get th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import struct
 import threading
+import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -101,6 +103,8 @@ class EmuBackend(Backend):
         # Address ranges of guest_memfd mappings (for madvise), [start, end).
         self._gmem_maps: list[tuple[int, int]] = []
         self._tls = threading.local()
+        # Every VM made here, for munmap's MMU-notifier pass (a VM lives while a vCPU holds it).
+        self._vms: weakref.WeakSet[EmuVm] = weakref.WeakSet()
 
     # --- fd table ------------------------------------------------------------------------------
     # Objects are known by their file's inode, not by fd number, as the kernel knows a file:
@@ -197,6 +201,8 @@ class EmuBackend(Backend):
             if arg >= 32 or not p.vm_types & (1 << arg):
                 raise OSError(errno.EINVAL, f"VM type {arg} not supported")
             vm = EmuVm(arg, p, self._gmem)
+            with self._lock:
+                self._vms.add(vm)
             fd = os.memfd_create("kvm-emu-vm", os.MFD_CLOEXEC)
             return self._register(fd, vm)
         if request == R.KVM_GET_SUPPORTED_CPUID:
@@ -309,8 +315,16 @@ class EmuBackend(Backend):
         raise OSError(errno.ENODEV, "this KVM fd cannot be mmap'd")
 
     def munmap(self, addr: int, length: int) -> None:
-        libc_munmap(addr, length)
         end = addr + _page_up(length)
+        with self._lock:
+            vms = list(self._vms)
+        with contextlib.ExitStack() as notifiers:
+            # Every emulated VM lets go of the range first (EmuVm.host_unmapping(): the MMU
+            # notifier); only then may the pages go. A raw munmap bypassing the backend is not
+            # seen (docs/emulator.md).
+            for vm in vms:
+                notifiers.enter_context(vm.host_unmapping(addr, end))
+            libc_munmap(addr, length)
         with self._lock:
             out: list[tuple[int, int]] = []
             for s, e in self._gmem_maps:

@@ -195,9 +195,13 @@ class EmuVcpu:
             raise OSError(errno.EBADF, "vCPU is closed")
         with self._ioctl_lock:
             if request == Ioctl.KVM_RUN:
+                self._run_thread = threading.get_ident()
                 try:
                     return self._kvm_run()
                 finally:
+                    self._run_thread = 0
+                    if self.phys.has_pending:
+                        self.phys.apply_pending()     # releases invalidate_hva() waiters
                     if self._closed:
                         self._teardown()
             if request == Ioctl.KVM_GET_REGS:
@@ -496,6 +500,25 @@ class EmuVcpu:
             finally:
                 self.phys.sync_waiters -= 1
 
+    def invalidate_hva(self, lo: int, hi: int, wait: bool = True) -> None:
+        """Drop the slot maps over host range [lo, hi) before it is unmapped (EmuVm.
+        host_unmapping()). Unlike invalidate(), this waits for a KVM_RUN in another thread
+        until it applied the drop even while the engine is stopped: the exit handling in
+        between reads guest memory through the same raw pointers."""
+        seq = self.phys.invalidate_hva(lo, hi)
+        run_thread = self._run_thread
+        if not wait or not run_thread or threading.get_ident() == run_thread:
+            return
+        deadline = time.monotonic() + INVALIDATE_WAIT_S
+        with self._inv_cond:
+            self.phys.sync_waiters += 1
+            try:
+                while (self._run_thread and self.phys.applied_seq < seq
+                       and time.monotonic() < deadline):
+                    self._inv_cond.wait(0.002)
+            finally:
+                self.phys.sync_waiters -= 1
+
     def close(self) -> None:
         """Release the engine's mappings. A KVM_RUN still running in another thread (the
         kernel keeps the file alive for it) is kicked; the last one out tears down."""
@@ -556,16 +579,16 @@ class EmuVcpu:
         """A halted vCPU with an in-kernel irqchip waits for an event; no interrupt source is
         modelled, so only a kick or a signal ends the wait (-EINTR)."""
         while not self._interrupted():
+            if self.phys.has_pending:
+                self.phys.apply_pending()     # the engine is stopped: nothing to wait for
             time.sleep(0.001)
         return self._intr("kick" if self._kicked else "signal")
 
     def _loop(self) -> int:
-        self._run_thread = threading.get_ident()
         try:
             return self._loop_inner()
         finally:
             self._leave_guest()
-            self._run_thread = 0
 
     def _leave_guest(self) -> None:
         if self._in_guest:
@@ -831,6 +854,8 @@ class EmuVcpu:
         elif p[0] == "mmio_read":
             _, gpa, size = p
             answer = bytes(self.run.exit.mmio.data)[:size]
+            if self.phys.has_pending:
+                self.phys.apply_pending()     # an unmap since the exit: no stale pointers
             self.sched.acquire(self)
             try:
                 self._step_with_page(gpa, answer)

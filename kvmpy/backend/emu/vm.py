@@ -9,9 +9,10 @@ punch-holes), and tells every vCPU to drop its mappings of that GPA range.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ...uapi import (
@@ -41,6 +42,7 @@ class VcpuLike(Protocol):
 
     def ioctl(self, request: int, arg: int) -> int: ...
     def invalidate(self, gpa_lo: int, gpa_hi: int) -> None: ...
+    def invalidate_hva(self, lo: int, hi: int, wait: bool = True) -> None: ...
     def kick(self) -> None: ...
     def close(self) -> None: ...
 
@@ -71,6 +73,9 @@ class EmuVm:
         self.irqchip = False
         self.nr_mmu_pages = 0
         self.tss_addr: int | None = None
+        #: Host ranges being unmapped through the backend (host_unmapping()): slot maps built
+        #: meanwhile treat them as gone, as KVM's faults retry while mmu_invalidate_in_progress.
+        self.hva_unmapping: list[tuple[int, int]] = []
         self._gmem_lookup = gmem_lookup
         # Address space 0, sorted by gpa, for find_memslot().
         self._slots0: list[EmuMemslot] = []
@@ -100,6 +105,39 @@ class EmuVm:
             vcpus = list(self.vcpus)
         for v in vcpus:
             v.invalidate(gpa_lo, gpa_hi)
+
+    @contextlib.contextmanager
+    def host_unmapping(self, lo: int, hi: int) -> Iterator[None]:
+        """Around an munmap of host range [lo, hi): KVM's MMU notifier
+        (virt/kvm/kvm_main.c kvm_mmu_notifier_invalidate_range_start()/_end()). Every vCPU drops
+        its mappings of slots over the range before the pages go, waiting for one running in
+        another thread (its engine holds raw pointers into direct slots); afterwards the next
+        access re-resolves the gfn, finds no host page and KVM_RUN fails with EFAULT
+        (arch/x86/kvm/mmu/mmu.c kvm_handle_error_pfn(): -EFAULT for KVM_PFN_ERR_FAULT)."""
+        with self.lock:
+            if not any(s.userspace_addr and s.userspace_addr < hi and
+                       lo < s.userspace_addr + s.size for s in self.memslots.values()):
+                vcpus: list[VcpuLike] = []
+            else:
+                self.hva_unmapping.append((lo, hi))
+                self.memory_version += 1
+                vcpus = list(self.vcpus)
+        if not vcpus:
+            # No slot over the range (or no vCPU to have mapped it): nothing to zap. A slot
+            # created later over the range reads the host mappings then.
+            yield
+            return
+        try:
+            for v in vcpus:
+                v.invalidate_hva(lo, hi)
+            yield
+        finally:
+            with self.lock:
+                self.hva_unmapping.remove((lo, hi))
+            # invalidate_range_end(): maps built meanwhile saw the range as gone; rebuild them
+            # from the host mappings as they are now (the munmap may have failed).
+            for v in vcpus:
+                v.invalidate_hva(lo, hi, wait=False)
 
     # --- memslots ------------------------------------------------------------------------------
     def backend_gmem(self, fd: int) -> EmuGmem | None:

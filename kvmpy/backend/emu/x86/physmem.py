@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import threading
 from collections.abc import Iterator
@@ -80,9 +81,33 @@ class _Seg:
     fsize: int = 0
 
 
-def _host_segments(hva: int, size: int, fds: dict[tuple[int, int], int]) -> list[_Seg]:
+def _host_segments(hva: int, size: int, fds: dict[tuple[int, int], int],
+                   going: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()) -> list[_Seg]:
     """Describe host range [hva, hva+size) from /proc/self/maps (we are root, so
-    /proc/self/map_files gives an fd for each file mapping)."""
+    /proc/self/map_files gives an fd for each file mapping). Host ranges in ``going`` (being
+    unmapped through the backend right now) count as unmapped already."""
+    segs = _read_host_segments(hva, size, fds)
+    for lo, hi in going:
+        segs = _carve(segs, lo - hva, hi - hva)
+    return segs
+
+
+def _carve(segs: list[_Seg], lo: int, hi: int) -> list[_Seg]:
+    """Slot offsets [lo, hi) become "none" (no host mapping)."""
+    out: list[_Seg] = []
+    for seg in segs:
+        if seg.hi <= lo or seg.lo >= hi or seg.kind == "none":
+            out.append(seg)
+            continue
+        if seg.lo < lo:
+            out.append(dataclasses.replace(seg, hi=lo))
+        out.append(_Seg(max(seg.lo, lo), min(seg.hi, hi), "none"))
+        if seg.hi > hi:
+            out.append(dataclasses.replace(seg, lo=hi, foff=seg.foff + (hi - seg.lo)))
+    return out
+
+
+def _read_host_segments(hva: int, size: int, fds: dict[tuple[int, int], int]) -> list[_Seg]:
     segs: list[_Seg] = []
     end = hva + size
     pos = hva
@@ -144,7 +169,8 @@ class SlotMap:
         gmem = slot.gmem
         self.gmem_only = gmem is not None and bool(gmem.flags & GMEM_FLAG_MMAP)
         if slot.userspace_addr and not self.gmem_only:
-            self.segs = _host_segments(slot.userspace_addr, slot.size, self.fds)
+            self.segs = _host_segments(slot.userspace_addr, slot.size, self.fds,
+                                       getattr(vm, "hva_unmapping", ()))
         else:
             self.segs = [_Seg(0, slot.size, "none")]
         self.direct = any(s.kind == "anon" for s in self.segs)
@@ -298,7 +324,8 @@ class SlotMap:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-        self.segs = _host_segments(self.slot.userspace_addr, self.slot.size, self.fds)
+        self.segs = _host_segments(self.slot.userspace_addr, self.slot.size, self.fds,
+                                   getattr(self.vm, "hva_unmapping", ()))
         self.state = RunMap()
         self.update(0, self.npages)
 
@@ -341,6 +368,7 @@ class PhysMap:
         self.vm = vm
         self.slots: dict[int, SlotMap] = {}
         self._pending: list[tuple[int, int]] = []
+        self._pending_hva: list[tuple[int, int]] = []
         #: Sequence numbers of queued / applied invalidations (for synchronous waiters).
         self.queued_seq = 0
         self.applied_seq = 0
@@ -360,6 +388,14 @@ class PhysMap:
             self.queued_seq += 1
             return self.queued_seq
 
+    def invalidate_hva(self, lo: int, hi: int) -> int:
+        """Queue the drop of every slot map over host range [lo, hi) (the MMU notifier of an
+        munmap: kvm_mmu_notifier_invalidate_range_start() zaps by hva)."""
+        with self._plock:
+            self._pending_hva.append((lo, hi))
+            self.queued_seq += 1
+            return self.queued_seq
+
     @contextlib.contextmanager
     def vm_locked(self) -> Iterator[None]:
         """vm.lock, unless an invalidating thread that holds it is waiting for this engine
@@ -376,16 +412,26 @@ class PhysMap:
 
     @property
     def has_pending(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending or self._pending_hva)
 
     def apply_pending(self) -> None:
         """Apply queued invalidations (engine thread, engine stopped)."""
         with self._plock:
             pending, self._pending = self._pending, []
+            hvas, self._pending_hva = self._pending_hva, []
             seq = self.queued_seq
-        if not pending:
+        if not pending and not hvas:
+            self.applied_seq = seq
             return
         with self.vm_locked():
+            for lo, hi in hvas:
+                # Dropped, not rescanned: the next access builds the map again from the host
+                # mappings as they are then (a range still being unmapped counts as gone).
+                for key, sm in list(self.slots.items()):
+                    a = sm.slot.userspace_addr
+                    if a and a < hi and lo < a + sm.slot.size:
+                        self._drop(key)
+                        self.flush_needed = True
             for lo, hi in pending:
                 for key, sm in list(self.slots.items()):
                     s = sm.slot
