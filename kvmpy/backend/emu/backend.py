@@ -26,6 +26,7 @@ from ...uapi import (
     PAGE_SIZE,
     Cap,
     Ioctl,
+    kvm_cpuid2,
     kvm_cpuid_entry2,
     kvm_create_guest_memfd,
     kvm_enable_cap,
@@ -45,6 +46,7 @@ from ._libc import (
     libc_mmap,
     libc_munmap,
 )
+from .dispatch import Entry, Ptr, Table, call, check_table
 from .gmem import EmuGmem
 from .memslots import RegionArgs
 from .profiles import VCPU_MMAP_SIZE, Profile, get_profile
@@ -169,102 +171,75 @@ class EmuBackend(Backend):
             if _ioc_type(request) != KVMIO:
                 # kvm_vcpu_ioctl(): "if (unlikely(_IOC_TYPE(ioctl) != KVMIO)) return -EINVAL".
                 raise OSError(errno.EINVAL, f"ioctl {request:#x} is not a KVM ioctl")
-            if request == R.KVM_PRE_FAULT_MEMORY:
-                return self._pre_fault(obj, addr)
-            return obj.vcpu.ioctl(request, addr)
+            e = VCPU_FD_IOCTLS.get(request)
+            if e is None:
+                return obj.vcpu.ioctl(request, addr)     # EmuVcpu's own table (vcpu.py)
+            return self._call(e, request, addr, obj)
         if isinstance(obj, EmuGmem):
             # kvm_gmem_fops has no unlocked_ioctl.
             raise OSError(errno.ENOTTY, "guest_memfd has no ioctls")
-        if not is_kvm_ioctl(request):
-            # Unknown ioctls fall to the arch handlers' defaults: kvm_arch_dev_ioctl() answers
-            # EINVAL, kvm_arch_vm_ioctl() ENOTTY (arch/x86/kvm/x86.c).
-            raise OSError(errno.EINVAL if isinstance(obj, EmuSystem) else errno.ENOTTY,
-                          f"ioctl {request:#x} is not a KVM ioctl")
-        if isinstance(obj, EmuSystem):
-            return self._system_ioctl(obj, request, addr)
-        return self._vm_ioctl(obj, request, addr)
+        table, what = (SYSTEM_IOCTLS, "/dev/kvm") if isinstance(obj, EmuSystem) else \
+            (VM_IOCTLS, "a VM fd")
+        e = table.get(request)
+        if e is not None and (e.built_in is None or e.built_in(obj)):
+            return self._call(e, request, addr, obj)
+        if not is_kvm_ioctl(request) or e is not None:
+            # Unknown (or compiled-out) ioctls fall to the arch handlers' defaults:
+            # kvm_arch_dev_ioctl() answers EINVAL, kvm_arch_vm_ioctl() ENOTTY
+            # (arch/x86/kvm/x86.c); a compiled-out one on a VM is ENOTTY.
+            err = errno.EINVAL if isinstance(obj, EmuSystem) and e is None else errno.ENOTTY
+            name = Ioctl.name_of(request) if e is not None else f"ioctl {request:#x}"
+            raise OSError(err, f"{name} is not a KVM ioctl of this kernel")
+        raise NotModelled(f"{Ioctl.name_of(request)} on {what} is not modelled by the "
+                          f"emulated KVM")
 
-    def _system_ioctl(self, sysobj: EmuSystem, request: int, arg: int) -> int:
+    def _call(self, e: Entry, request: int, addr: int, obj: object) -> int:
+        return call(e, request, addr, self._cin, self._cout, self, obj)
+
+    # --- /dev/kvm handlers ---------------------------------------------------------------------
+    def _api_version(self, sysobj: EmuSystem, arg: int) -> int:
+        if arg:
+            raise OSError(errno.EINVAL, "KVM_GET_API_VERSION takes no argument")
+        return sysobj.api_version()
+
+    def _vcpu_mmap_size(self, sysobj: EmuSystem, arg: int) -> int:
+        if arg:
+            raise OSError(errno.EINVAL, "KVM_GET_VCPU_MMAP_SIZE takes no argument")
+        return VCPU_MMAP_SIZE
+
+    def _create_vm(self, sysobj: EmuSystem, arg: int) -> int:
         p = sysobj.profile
-        if request == R.KVM_GET_API_VERSION:
-            if arg:
-                raise OSError(errno.EINVAL, "KVM_GET_API_VERSION takes no argument")
-            return sysobj.api_version()
-        if request == R.KVM_CHECK_EXTENSION:
-            return p.cap(arg)
-        if request == R.KVM_GET_VCPU_MMAP_SIZE:
-            if arg:
-                raise OSError(errno.EINVAL, "KVM_GET_VCPU_MMAP_SIZE takes no argument")
-            return VCPU_MMAP_SIZE
-        if request == R.KVM_CREATE_VM:
-            # kvm_arch_init_vm(): the type must be offered in KVM_CAP_VM_TYPES.
-            if arg >= 32 or not p.vm_types & (1 << arg):
-                raise OSError(errno.EINVAL, f"VM type {arg} not supported")
-            vm = EmuVm(arg, p, self._gmem)
-            with self._lock:
-                self._vms.add(vm)
-            fd = os.memfd_create("kvm-emu-vm", os.MFD_CLOEXEC)
-            return self._register(fd, vm)
-        if request == R.KVM_GET_SUPPORTED_CPUID:
-            (nent,) = struct.unpack("<I", self._cin(arg, 4))
-            entries = get_supported_cpuid(p, nent)
-            size = ctypes.sizeof(kvm_cpuid_entry2)
-            blob = b"".join(kvm_cpuid_entry2(*e).to_bytes() for e in entries)
-            assert len(blob) == size * len(entries)
-            self._cout(arg + 8, blob)
-            self._cout(arg, struct.pack("<I", len(entries)))
-            return 0
-        raise NotModelled(f"{Ioctl.name_of(request)} on /dev/kvm is not modelled by the "
-                          f"emulated KVM")
+        # kvm_arch_init_vm(): the type must be offered in KVM_CAP_VM_TYPES.
+        if arg >= 32 or not p.vm_types & (1 << arg):
+            raise OSError(errno.EINVAL, f"VM type {arg} not supported")
+        vm = EmuVm(arg, p, self._gmem)
+        with self._lock:
+            self._vms.add(vm)
+        fd = os.memfd_create("kvm-emu-vm", os.MFD_CLOEXEC)
+        return self._register(fd, vm)
 
-    def _vm_ioctl(self, vm: EmuVm, request: int, arg: int) -> int:
-        if request == R.KVM_CHECK_EXTENSION:
-            return vm.check_extension(arg)
-        if request in (R.KVM_SET_USER_MEMORY_REGION, R.KVM_SET_USER_MEMORY_REGION2):
-            v2 = request == R.KVM_SET_USER_MEMORY_REGION2
-            if v2:
-                r2 = kvm_userspace_memory_region2.from_buffer_copy(
-                    self._cin(arg, ctypes.sizeof(kvm_userspace_memory_region2)))
-                args = RegionArgs(r2.slot, r2.flags, r2.guest_phys_addr, r2.memory_size,
-                                  r2.userspace_addr, r2.guest_memfd_offset, r2.guest_memfd)
-            else:
-                r1 = kvm_userspace_memory_region.from_buffer_copy(
-                    self._cin(arg, ctypes.sizeof(kvm_userspace_memory_region)))
-                args = RegionArgs(r1.slot, r1.flags, r1.guest_phys_addr, r1.memory_size,
-                                  r1.userspace_addr)
-            vm.set_memory_region(args, v2)
-            return 0
-        if request == R.KVM_SET_MEMORY_ATTRIBUTES:
-            if not vm.profile.memory_attributes_ioctl:
-                raise OSError(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES is not built in")
-            a = kvm_memory_attributes.from_buffer_copy(
-                self._cin(arg, ctypes.sizeof(kvm_memory_attributes)))
-            vm.set_memory_attributes(a.address, a.size, a.attributes, a.flags)
-            return 0
-        if request == R.KVM_CREATE_GUEST_MEMFD:
-            if not vm.profile.cap(CAP_GUEST_MEMFD):
-                raise OSError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD is not built in")
-            c = kvm_create_guest_memfd.from_buffer_copy(
-                self._cin(arg, ctypes.sizeof(kvm_create_guest_memfd)))
-            g = vm.create_gmem(c.size, c.flags)
-            return self._register(g.fd, g)
-        if request == R.KVM_ENABLE_CAP:
-            ec = kvm_enable_cap.from_buffer_copy(self._cin(arg, ctypes.sizeof(kvm_enable_cap)))
-            vm.enable_cap(ec.cap, ec.flags, list(ec.args))
-            return 0
-        if request == R.KVM_CREATE_VCPU:
-            return self._create_vcpu(vm, arg)
-        if request == R.KVM_CREATE_IRQCHIP:
-            vm.create_irqchip()
-            return 0
-        if request == R.KVM_SET_NR_MMU_PAGES:
-            vm.set_nr_mmu_pages(arg)
-            return 0
-        if request == R.KVM_SET_TSS_ADDR:
-            vm.set_tss_addr(arg)
-            return 0
-        raise NotModelled(f"{Ioctl.name_of(request)} on a VM fd is not modelled by the "
-                          f"emulated KVM")
+    def _supported_cpuid(self, sysobj: EmuSystem, arg: int) -> int:
+        (nent,) = struct.unpack_from("<I", self._cin(arg, ctypes.sizeof(kvm_cpuid2)))
+        entries = get_supported_cpuid(sysobj.profile, nent)
+        blob = b"".join(kvm_cpuid_entry2(*e).to_bytes() for e in entries)
+        assert len(blob) == ctypes.sizeof(kvm_cpuid_entry2) * len(entries)
+        self._cout(arg + ctypes.sizeof(kvm_cpuid2), blob)
+        self._cout(arg, struct.pack("<I", len(entries)))
+        return 0
+
+    # --- VM handlers ---------------------------------------------------------------------------
+    def _set_region(self, vm: EmuVm, r1: kvm_userspace_memory_region) -> None:
+        vm.set_memory_region(RegionArgs(r1.slot, r1.flags, r1.guest_phys_addr, r1.memory_size,
+                                        r1.userspace_addr), False)
+
+    def _set_region2(self, vm: EmuVm, r2: kvm_userspace_memory_region2) -> None:
+        vm.set_memory_region(RegionArgs(r2.slot, r2.flags, r2.guest_phys_addr, r2.memory_size,
+                                        r2.userspace_addr, r2.guest_memfd_offset,
+                                        r2.guest_memfd), True)
+
+    def _create_gmem(self, vm: EmuVm, c: kvm_create_guest_memfd) -> int:
+        g = vm.create_gmem(c.size, c.flags)
+        return self._register(g.fd, g)
 
     def _create_vcpu(self, vm: EmuVm, vcpu_id: int) -> int:
         vm.reserve_vcpu_id(vcpu_id)
@@ -290,15 +265,11 @@ class EmuBackend(Backend):
             vm.vcpus.append(vcpu)
         return self._register(fd, EmuVcpuFd(vm, vcpu_id, run_addr, vcpu))
 
-    def _pre_fault(self, v: EmuVcpuFd, arg: int) -> int:
+    def _pre_fault(self, v: EmuVcpuFd, r: kvm_pre_fault_memory) -> None:
         """KVM_PRE_FAULT_MEMORY: the leftover range is copied back even on failure."""
-        r = kvm_pre_fault_memory.from_buffer_copy(
-            self._cin(arg, ctypes.sizeof(kvm_pre_fault_memory)))
         err, r.gpa, r.size = v.vm.pre_fault(r.gpa, r.size, r.flags, v.run_addr)
-        self._cout(arg, r.to_bytes())
         if err:
             raise OSError(err, f"KVM_PRE_FAULT_MEMORY: {os.strerror(err)}")
-        return 0
 
     # --- files ---------------------------------------------------------------------------------
     def mmap(self, fd: int, length: int, prot: int, flags: int, offset: int = 0,
@@ -460,6 +431,41 @@ class EmuBackend(Backend):
         except Exception:
             uc = "no unicorn"
         return f"emulated KVM (profile {self.profile.name}: {self.profile.description}; {uc})"
+
+
+# --- which ioctls the emulated KVM models, per fd (dispatch.py decodes the arguments) ------------
+B = EmuBackend
+SYSTEM_IOCTLS: Table = check_table({
+    R.KVM_GET_API_VERSION:     Entry(int, B._api_version),
+    R.KVM_CHECK_EXTENSION:     Entry(int, lambda be, sysobj, cap: sysobj.profile.cap(cap)),
+    R.KVM_GET_VCPU_MMAP_SIZE:  Entry(int, B._vcpu_mmap_size),
+    R.KVM_CREATE_VM:           Entry(int, B._create_vm),
+    R.KVM_GET_SUPPORTED_CPUID: Entry(Ptr, B._supported_cpuid),
+})
+VM_IOCTLS: Table = check_table({
+    R.KVM_CHECK_EXTENSION:         Entry(int, lambda be, vm, cap: vm.check_extension(cap)),
+    R.KVM_SET_USER_MEMORY_REGION:  Entry(kvm_userspace_memory_region, B._set_region),
+    R.KVM_SET_USER_MEMORY_REGION2: Entry(kvm_userspace_memory_region2, B._set_region2),
+    R.KVM_SET_MEMORY_ATTRIBUTES:   Entry(kvm_memory_attributes, lambda be, vm, a:
+                                         vm.set_memory_attributes(a.address, a.size,
+                                                                  a.attributes, a.flags),
+                                         built_in=lambda vm: vm.profile.memory_attributes_ioctl),
+    R.KVM_CREATE_GUEST_MEMFD:      Entry(kvm_create_guest_memfd, B._create_gmem,
+                                         built_in=lambda vm: bool(vm.profile.cap(
+                                             CAP_GUEST_MEMFD))),
+    R.KVM_ENABLE_CAP:              Entry(kvm_enable_cap, lambda be, vm, ec:
+                                         vm.enable_cap(ec.cap, ec.flags, list(ec.args))),
+    R.KVM_CREATE_VCPU:             Entry(int, B._create_vcpu),
+    R.KVM_CREATE_IRQCHIP:          Entry(int, lambda be, vm, _: vm.create_irqchip()),
+    R.KVM_SET_NR_MMU_PAGES:        Entry(int, lambda be, vm, n: vm.set_nr_mmu_pages(n)),
+    R.KVM_SET_TSS_ADDR:            Entry(int, lambda be, vm, a: vm.set_tss_addr(a)),
+})
+# Answered before the vCPU's own table (vcpu.py VCPU_IOCTLS), without its ioctl lock.
+VCPU_FD_IOCTLS: Table = check_table({
+    R.KVM_PRE_FAULT_MEMORY: Entry(kvm_pre_fault_memory, B._pre_fault, copy_back_on_error=True),
+})
+# A guest_memfd has no ioctls at all (ENOTTY, in EmuBackend.ioctl).
+del B
 
 
 _STAT_EXTRA = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",

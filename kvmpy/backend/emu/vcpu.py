@@ -23,6 +23,7 @@ import errno
 import struct
 import threading
 import time
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from unicorn import (
@@ -47,7 +48,9 @@ from ...uapi import (
     IoDirection,
     KvmHcError,
     MpState,
+    kvm_cpuid2,
     kvm_cpuid_entry2,
+    kvm_mp_state,
     kvm_regs,
     kvm_run,
     kvm_segment,
@@ -55,6 +58,7 @@ from ...uapi import (
 )
 from ...uapi.ioctls import Ioctl
 from ._libc import copy_from_user, copy_to_user
+from .dispatch import Entry, Ptr, Table, call, check_table
 from .sigwatch import SignalWatch
 from .x86 import engine as E
 from .x86.events import HAS_ERROR_CODE, CpuState, Event, TripleFault, deliver
@@ -79,6 +83,8 @@ IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 MASK64 = (1 << 64) - 1
 KVM_MAX_CPUID_ENTRIES = 256
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+HDR, ENT = ctypes.sizeof(kvm_cpuid2), ctypes.sizeof(kvm_cpuid_entry2)   # kvm_cpuid2 + entries[]
+R = SimpleNamespace(**{m.name: int(m) for m in Ioctl})   # plain ints (Enum access is slow)
 
 CR0_PE, CR0_TS, CR0_ET, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 3, 1 << 4, 1 << 29, 1 << 30, 1 << 31
 CR4_PAE, CR4_LA57, CR4_PCIDE = 1 << 5, 1 << 12, 1 << 17
@@ -193,44 +199,10 @@ class EmuVcpu:
     def ioctl(self, request: int, arg: int) -> int:
         if self._closed:
             raise OSError(errno.EBADF, "vCPU is closed")
-        with self._ioctl_lock:
-            if request == Ioctl.KVM_RUN:
-                self._run_thread = threading.get_ident()
-                try:
-                    return self._kvm_run()
-                finally:
-                    self._run_thread = 0
-                    if self.phys.has_pending:
-                        self.phys.apply_pending()     # releases invalidate_hva() waiters
-                    if self._closed:
-                        self._teardown()
-            if request == Ioctl.KVM_GET_REGS:
-                copy_to_user(arg, self.regs.gprs_bytes())
-                return 0
-            if request == Ioctl.KVM_SET_REGS:
-                self._set_regs(kvm_regs.from_buffer_copy(copy_from_user(arg, 144)))
-                return 0
-            if request == Ioctl.KVM_GET_SREGS:
-                copy_to_user(arg, self._get_sregs().to_bytes())
-                return 0
-            if request == Ioctl.KVM_SET_SREGS:
-                self._set_sregs(kvm_sregs.from_buffer_copy(copy_from_user(arg, 312)))
-                return 0
-            if request == Ioctl.KVM_SET_CPUID2:
-                self._set_cpuid2(arg)
-                return 0
-            if request == Ioctl.KVM_GET_CPUID2:
-                self._get_cpuid2(arg)
-                return 0
-            if request == Ioctl.KVM_GET_MP_STATE:
-                copy_to_user(arg, struct.pack("<I", self._mp_state))
-                return 0
-            if request == Ioctl.KVM_SET_MP_STATE:
-                self._set_mp_state(struct.unpack("<I", copy_from_user(arg, 4))[0])
-                return 0
-            if request == Ioctl.KVM_ENABLE_CAP:
-                # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled.
-                raise OSError(errno.EINVAL, "KVM_ENABLE_CAP on a vCPU: no vCPU cap is modelled")
+        e = VCPU_IOCTLS.get(request)
+        if e is not None:
+            with self._ioctl_lock:
+                return call(e, request, arg, copy_from_user, copy_to_user, self)
         from .backend import is_kvm_ioctl
 
         if is_kvm_ioctl(request):
@@ -240,6 +212,31 @@ class EmuVcpu:
                           "modelled by the emulated KVM")
         # kvm_arch_vcpu_ioctl() (arch/x86/kvm/x86.c): "default: r = -EINVAL".
         raise OSError(errno.EINVAL, f"emulated vCPU: unknown ioctl {request:#x}")
+
+    def _ioctl_run(self, _: int) -> int:
+        self._run_thread = threading.get_ident()
+        try:
+            return self._kvm_run()
+        finally:
+            self._run_thread = 0
+            if self.phys.has_pending:
+                self.phys.apply_pending()     # releases invalidate_hva() waiters
+            if self._closed:
+                self._teardown()
+
+    def _ioctl_get_regs(self, out: kvm_regs) -> None:
+        ctypes.memmove(ctypes.addressof(out), self.regs.gprs_bytes(), ctypes.sizeof(out))
+
+    def _ioctl_get_sregs(self, out: kvm_sregs) -> None:
+        ctypes.memmove(ctypes.addressof(out), self._get_sregs().to_bytes(), ctypes.sizeof(out))
+
+    def _ioctl_get_mp_state(self, out: kvm_mp_state) -> None:
+        out.mp_state = self._mp_state
+
+    def _ioctl_enable_cap(self, _: int) -> None:
+        # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled (refused before the
+        # argument is read, as the emulator always has).
+        raise OSError(errno.EINVAL, "KVM_ENABLE_CAP on a vCPU: no vCPU cap is modelled")
 
     # ================================================================ registers
     def _get_regs(self) -> kvm_regs:
@@ -360,8 +357,8 @@ class EmuVcpu:
         nent = struct.unpack("<I", copy_from_user(arg, 4))[0]
         if nent > KVM_MAX_CPUID_ENTRIES:
             raise OSError(errno.E2BIG, f"KVM_SET_CPUID2: {nent} entries > {KVM_MAX_CPUID_ENTRIES}")
-        raw = copy_from_user(arg + 8, nent * 40)
-        entries = [kvm_cpuid_entry2.from_buffer_copy(raw[i * 40:(i + 1) * 40])
+        raw = copy_from_user(arg + HDR, nent * ENT)
+        entries = [kvm_cpuid_entry2.from_buffer_copy(raw[i * ENT:(i + 1) * ENT])
                    for i in range(nent)]
         if self._ran:
             # kvm_set_cpuid(): after KVM_RUN only an identical table is accepted.
@@ -375,7 +372,7 @@ class EmuVcpu:
         copy_to_user(arg, struct.pack("<I", len(self._cpuid)))
         if nent < len(self._cpuid):
             raise OSError(errno.E2BIG, f"KVM_GET_CPUID2: {nent} < {len(self._cpuid)} entries")
-        copy_to_user(arg + 8, b"".join(e.to_bytes() for e in self._cpuid))
+        copy_to_user(arg + HDR, b"".join(e.to_bytes() for e in self._cpuid))
 
     def _find_cpuid(self, fn: int, idx: int) -> kvm_cpuid_entry2 | None:
         for e in self._cpuid:
@@ -1135,5 +1132,22 @@ class EmuVcpu:
             uc.reg_write(X.UC_X86_REG_SS, st.ss)
         return None
 
+
+# --- which vCPU ioctls the emulated KVM models (dispatch.py decodes the arguments); each runs
+# under the vCPU's ioctl lock (KVM: vcpu->mutex). KVM_PRE_FAULT_MEMORY: backend.py.
+V = EmuVcpu
+VCPU_IOCTLS: Table = check_table({
+    R.KVM_RUN:          Entry(int, V._ioctl_run),
+    R.KVM_GET_REGS:     Entry(kvm_regs, V._ioctl_get_regs),
+    R.KVM_SET_REGS:     Entry(kvm_regs, V._set_regs),
+    R.KVM_GET_SREGS:    Entry(kvm_sregs, V._ioctl_get_sregs),
+    R.KVM_SET_SREGS:    Entry(kvm_sregs, V._set_sregs),
+    R.KVM_SET_CPUID2:   Entry(Ptr, V._set_cpuid2),
+    R.KVM_GET_CPUID2:   Entry(Ptr, V._get_cpuid2),
+    R.KVM_GET_MP_STATE: Entry(kvm_mp_state, V._ioctl_get_mp_state),
+    R.KVM_SET_MP_STATE: Entry(kvm_mp_state, lambda v, m: v._set_mp_state(m.mp_state)),
+    R.KVM_ENABLE_CAP:   Entry(int, V._ioctl_enable_cap),
+})
+del V
 
 __all__ = ["EmuVcpu"]
