@@ -48,16 +48,43 @@ from ...uapi import (
     IoDirection,
     KvmHcError,
     MpState,
-    kvm_cpuid2,
     kvm_cpuid_entry2,
     kvm_mp_state,
     kvm_regs,
     kvm_run,
-    kvm_segment,
     kvm_sregs,
 )
 from ...uapi.ioctls import Ioctl
 from ._libc import copy_from_user, copy_to_user
+from .cpustate import (
+    CANONICAL_MSRS,
+    CR0_CD,
+    CR0_ET,
+    CR0_NW,
+    CR0_PE,
+    CR0_PG,
+    CR0_TS,
+    CR4_KNOWN,
+    CR4_LA57,
+    CR4_NEEDS,
+    CR4_PAE,
+    CR4_PCIDE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    EFER_SCE,
+    MASK64,
+    MODELLED_MSRS,
+    MSR_LSTAR,
+    MSR_PAT,
+    MSR_SFMASK,
+    MSR_STAR,
+    RFLAGS_FIXED,
+    RFLAGS_RF,
+    VcpuCpuState,
+    _canonical,
+    _reset_sregs,
+)
 from .dispatch import Entry, Ptr, Table, call, check_table
 from .sigwatch import SignalWatch
 from .x86 import engine as E
@@ -79,61 +106,14 @@ if TYPE_CHECKING:
 SLICE_MIN, SLICE_MAX = 500, 400_000
 SLICE_FAST_S, SLICE_SLOW_S = 0.001, 0.004
 INVALIDATE_WAIT_S = 2.0
-IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
-MASK64 = (1 << 64) - 1
-KVM_MAX_CPUID_ENTRIES = 256
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
-HDR, ENT = ctypes.sizeof(kvm_cpuid2), ctypes.sizeof(kvm_cpuid_entry2)   # kvm_cpuid2 + entries[]
 R = SimpleNamespace(**{m.name: int(m) for m in Ioctl})   # plain ints (Enum access is slow)
-
-CR0_PE, CR0_TS, CR0_ET, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 3, 1 << 4, 1 << 29, 1 << 30, 1 << 31
-CR4_PAE, CR4_LA57, CR4_PCIDE = 1 << 5, 1 << 12, 1 << 17
-EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
-# MSRs the emulated vCPU answers (arch/x86/include/asm/msr-index.h); every other RDMSR/WRMSR is
-# #GP(0). TSC, SYSENTER_CS/ESP/EIP, PAT, EFER, STAR, LSTAR, CSTAR, SFMASK, FS/GS/KERNEL_GS base,
-# TSC_AUX.
-MSR_STAR, MSR_LSTAR, MSR_SFMASK, MSR_PAT = 0xC0000081, 0xC0000082, 0xC0000084, 0x277
-MODELLED_MSRS = frozenset({0x10, 0x174, 0x175, 0x176, MSR_PAT, 0xC0000080, MSR_STAR, MSR_LSTAR,
-                           0xC0000083, MSR_SFMASK, 0xC0000100, 0xC0000101, 0xC0000102,
-                           0xC0000103})
-# kvm_set_msr_ignored_check() -> is_noncanonical_msr_address() for these.
-CANONICAL_MSRS = frozenset({0x175, 0x176, MSR_LSTAR, 0xC0000083, 0xC0000100, 0xC0000101,
-                            0xC0000102})
-
-
-def _canonical(va: int) -> bool:
-    top = va >> 47
-    return top in (0, (1 << 17) - 1)
-RFLAGS_FIXED = 0x2
-RFLAGS_RF = 1 << 16
-
-# CR4 bits KVM knows at all (arch/x86/include/asm/kvm_host.h CR4_RESERVED_BITS), and the
-# CPUID feature each CPUID-dependent bit needs (__cr4_reserved_bits()): (leaf, reg, bit).
-CR4_KNOWN = sum(1 << b for b in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18,
-                                 20, 21, 22, 23, 24, 28))
-CR4_NEEDS = {12: (7, "ecx", 16), 16: (7, "ebx", 0), 17: (1, "ecx", 17), 18: (1, "ecx", 26),
-             20: (7, "ebx", 7), 21: (7, "ebx", 20), 22: (7, "ecx", 3)}
+IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 HYPERCALL_OPCODES = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")      # vmcall, vmmcall
 IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
 PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0})
 
 
-def _reset_sregs(vcpu_id: int) -> kvm_sregs:
-    """KVM's reset state (kvm_vcpu_reset(), measured with KVM_GET_SREGS on a new vCPU)."""
-    s = kvm_sregs()
-    s.cs = kvm_segment(base=0xFFFF0000, limit=0xFFFF, selector=0xF000, type=0xB, present=1, s=1)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(s, name, kvm_segment(limit=0xFFFF, type=3, present=1, s=1))
-    s.tr = kvm_segment(limit=0xFFFF, type=0xB, present=1)
-    s.ldt = kvm_segment(limit=0xFFFF, type=2, present=1)
-    s.gdt.limit = 0xFFFF
-    s.idt.limit = 0xFFFF
-    s.cr0 = 0x60000010
-    s.apic_base = 0xFEE00900 if vcpu_id == 0 else 0xFEE00800
-    return s
-
-
-class EmuVcpu:
+class EmuVcpu(VcpuCpuState):
     """One emulated vCPU (see the module docstring and docs/emulator.md, "vCPU")."""
 
     def __init__(self, vm: EmuVm, vcpu_id: int, run_addr: int, mmap_size: int) -> None:
@@ -237,181 +217,6 @@ class EmuVcpu:
         # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled (refused before the
         # argument is read, as the emulator always has).
         raise OSError(errno.EINVAL, "KVM_ENABLE_CAP on a vCPU: no vCPU cap is modelled")
-
-    # ================================================================ registers
-    def _get_regs(self) -> kvm_regs:
-        return kvm_regs(*self.regs.read_gprs())
-
-    def _set_regs(self, r: kvm_regs) -> None:
-        # __set_regs(): RFLAGS bit 1 is forced; a pending exception is dropped.
-        vals = [getattr(r, n) for n in E.REG_NAMES]
-        vals[17] |= RFLAGS_FIXED
-        self._rf_possible = bool(vals[17] & RFLAGS_RF)
-        if vals[16] != self.regs.read(X.UC_X86_REG_RIP):
-            # Userspace redirects the vCPU, perhaps to code it just (re)wrote through its own
-            # mapping; unicorn does not see host writes to translated code, so start afresh.
-            self.phys.flush_needed = True
-        self.regs.write_gprs(vals)
-        self._pending_event = None
-
-    def _get_sregs(self) -> kvm_sregs:
-        s = kvm_sregs.from_buffer_copy(self._sregs.to_bytes())
-        if self._mode_problem is not None:
-            return s
-        uc = self.uc
-        s.cr0, s.cr2, s.cr3, s.cr4 = uc.reg_read_batch(
-            [X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4])
-        s.efer = E.read_msr(uc, E.MSR_EFER)
-        _, s.gdt.base, s.gdt.limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
-        _, s.idt.base, s.idt.limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
-        for name, reg in (("cs", X.UC_X86_REG_CS), ("ds", X.UC_X86_REG_DS),
-                          ("es", X.UC_X86_REG_ES), ("ss", X.UC_X86_REG_SS)):
-            getattr(s, name).selector = uc.reg_read(reg)
-        fs, gs = uc.reg_read(X.UC_X86_REG_FS), uc.reg_read(X.UC_X86_REG_GS)
-        if fs != self._loaded_fs:
-            s.fs.selector = fs
-        if gs != self._loaded_gs:
-            s.gs.selector = gs
-        s.fs.base = E.read_msr(uc, E.MSR_FS_BASE)
-        s.gs.base = E.read_msr(uc, E.MSR_GS_BASE)
-        tr = uc.reg_read(X.UC_X86_REG_TR)
-        s.tr.selector, s.tr.base, s.tr.limit = tr[0], tr[1], tr[2]
-        return s
-
-    def _cpuid_bit(self, leaf: int, reg: str, bit: int) -> bool:
-        e = self._find_cpuid(leaf, 0)
-        return e is not None and bool(getattr(e, reg) >> bit & 1)
-
-    def _maxphyaddr(self) -> int:
-        e = self._find_cpuid(0x80000008, 0)
-        return (e.eax & 0xFF) if e is not None and e.eax & 0xFF else 36
-
-    def _set_sregs(self, s: kvm_sregs) -> None:
-        """__set_sregs(): kvm_is_valid_sregs() and the APIC base checks, then the state."""
-        cr0, cr4, efer = s.cr0, s.cr4, s.efer
-        if efer & EFER_LME and cr0 & CR0_PG:
-            if not cr4 & CR4_PAE or not efer & EFER_LMA:
-                raise OSError(errno.EINVAL, "KVM_SET_SREGS: EFER.LME with CR0.PG needs "
-                              "CR4.PAE and EFER.LMA")
-            if s.cr3 >> self._maxphyaddr():
-                raise OSError(errno.EINVAL, f"KVM_SET_SREGS: CR3 {s.cr3:#x} beyond MAXPHYADDR")
-        elif efer & EFER_LMA or s.cs.l:
-            raise OSError(errno.EINVAL, "KVM_SET_SREGS: EFER.LMA or CS.L without long mode")
-        if cr4 & ~CR4_KNOWN:
-            raise OSError(errno.EINVAL, f"KVM_SET_SREGS: reserved CR4 bits {cr4 & ~CR4_KNOWN:#x}")
-        for bit, (leaf, reg, fbit) in CR4_NEEDS.items():
-            if cr4 >> bit & 1 and not self._cpuid_bit(leaf, reg, fbit):
-                raise OSError(errno.EINVAL, f"KVM_SET_SREGS: CR4 bit {bit} needs CPUID "
-                              f"{leaf:#x}.{reg}[{fbit}]")
-        if cr0 >> 32 or (cr0 & CR0_NW and not cr0 & CR0_CD) or (cr0 & CR0_PG and
-                                                                not cr0 & CR0_PE):
-            raise OSError(errno.EINVAL, f"KVM_SET_SREGS: invalid CR0 {cr0:#x}")
-        x2apic = self._cpuid_bit(1, "ecx", 21)
-        rsvd = (MASK64 << self._maxphyaddr()) & MASK64 | 0x2FF | (0 if x2apic else 1 << 10)
-        if s.apic_base & rsvd or (s.apic_base >> 10 & 3) == 1:
-            raise OSError(errno.EINVAL, f"KVM_SET_SREGS: invalid APIC base {s.apic_base:#x}")
-        self._sregs = kvm_sregs.from_buffer_copy(s.to_bytes())
-        self._mode_problem = self._problem(s)
-        if self._mode_problem is None:
-            self._load_sregs(s)
-
-    @staticmethod
-    def _problem(s: kvm_sregs) -> str | None:
-        if not (s.cr0 & CR0_PE and s.cr0 & CR0_PG):
-            return f"CR0 {s.cr0:#x}: real mode / non-paged protected mode"
-        if not s.efer & EFER_LMA:
-            return f"EFER {s.efer:#x}: 32-bit protected mode (EFER.LMA clear)"
-        if not s.cs.l or s.cs.db:
-            return "CS.L=0: compatibility mode"
-        if s.cr4 & CR4_LA57:
-            return "CR4.LA57: 5-level paging"
-        if s.cs.selector & 3 or s.cs.dpl or s.ss.selector & 3:
-            return "CPL > 0 (the engine's hidden CPL is fixed at 0)"
-        if any(s.interrupt_bitmap):
-            return "a pending interrupt in interrupt_bitmap"
-        return None
-
-    def _load_sregs(self, s: kvm_sregs) -> None:
-        uc = self.uc
-        uc.reg_write(X.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
-        uc.reg_write(X.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
-        uc.reg_write(X.UC_X86_REG_CR4, s.cr4)
-        uc.reg_write(X.UC_X86_REG_CR3, s.cr3)
-        E.write_msr(uc, E.MSR_EFER, s.efer)
-        uc.reg_write(X.UC_X86_REG_CR0, s.cr0)
-        uc.reg_write(X.UC_X86_REG_CR2, s.cr2)
-        for reg, seg in ((X.UC_X86_REG_CS, s.cs), (X.UC_X86_REG_SS, s.ss),
-                         (X.UC_X86_REG_DS, s.ds), (X.UC_X86_REG_ES, s.es)):
-            uc.reg_write(reg, seg.selector)
-        # FS/GS selectors are not written: that loads a descriptor through the guest's GDT.
-        E.write_msr(uc, E.MSR_FS_BASE, s.fs.base)
-        E.write_msr(uc, E.MSR_GS_BASE, s.gs.base)
-        self._loaded_fs = uc.reg_read(X.UC_X86_REG_FS)
-        self._loaded_gs = uc.reg_read(X.UC_X86_REG_GS)
-        uc.reg_write(X.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, 0))
-        self._pending_event = None
-        self.phys.flush_needed = True
-
-    # ================================================================ CPUID, MP state
-    def _set_cpuid2(self, arg: int) -> None:
-        nent = struct.unpack("<I", copy_from_user(arg, 4))[0]
-        if nent > KVM_MAX_CPUID_ENTRIES:
-            raise OSError(errno.E2BIG, f"KVM_SET_CPUID2: {nent} entries > {KVM_MAX_CPUID_ENTRIES}")
-        raw = copy_from_user(arg + HDR, nent * ENT)
-        entries = [kvm_cpuid_entry2.from_buffer_copy(raw[i * ENT:(i + 1) * ENT])
-                   for i in range(nent)]
-        if self._ran:
-            # kvm_set_cpuid(): after KVM_RUN only an identical table is accepted.
-            key = [e.to_bytes() for e in entries]
-            if key != [e.to_bytes() for e in self._cpuid]:
-                raise OSError(errno.EINVAL, "KVM_SET_CPUID2 after KVM_RUN with a different table")
-        self._cpuid = entries
-
-    def _get_cpuid2(self, arg: int) -> None:
-        nent = struct.unpack("<I", copy_from_user(arg, 4))[0]
-        copy_to_user(arg, struct.pack("<I", len(self._cpuid)))
-        if nent < len(self._cpuid):
-            raise OSError(errno.E2BIG, f"KVM_GET_CPUID2: {nent} < {len(self._cpuid)} entries")
-        copy_to_user(arg + HDR, b"".join(e.to_bytes() for e in self._cpuid))
-
-    def _find_cpuid(self, fn: int, idx: int) -> kvm_cpuid_entry2 | None:
-        for e in self._cpuid:
-            if e.function == fn and (not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX or
-                                     e.index == idx):
-                return e
-        return None
-
-    def cpuid(self, fn: int, idx: int) -> tuple[int, int, int, int]:
-        """kvm_cpuid(): the table entry, else (Intel-compatible vendors) the max basic leaf
-        for out-of-range leaves (get_out_of_range_cpuid_entry()), else zeros."""
-        e = self._find_cpuid(fn, idx)
-        if e is None:
-            basic = self._find_cpuid(0, 0)
-            amd = basic is not None and (basic.ebx, basic.ecx, basic.edx) in (
-                (0x68747541, 0x444D4163, 0x69746E65), (0x6F677948, 0x656E6975, 0x6E65476E))
-            if basic is not None and not amd:
-                if 0x40000000 <= fn <= 0x4FFFFFFF:
-                    cls = self._find_cpuid(fn & 0xFFFFFF00, 0)
-                elif fn >= 0xC0000000:
-                    cls = self._find_cpuid(0xC0000000, 0)
-                else:
-                    cls = self._find_cpuid(fn & 0x80000000, 0)
-                if cls is None or fn > cls.eax:
-                    e = self._find_cpuid(basic.eax, idx)
-        if e is None:
-            return 0, 0, 0, 0
-        return e.eax, e.ebx, e.ecx, e.edx
-
-    def _set_mp_state(self, state: int) -> None:
-        # kvm_arch_vcpu_ioctl_set_mpstate(): without an in-kernel LAPIC only RUNNABLE.
-        irqchip = bool(getattr(self.vm, "irqchip", False))
-        if not irqchip and state != MpState.RUNNABLE:
-            raise OSError(errno.EINVAL, "KVM_SET_MP_STATE: only RUNNABLE without an "
-                          "in-kernel irqchip")
-        if state not in (MpState.RUNNABLE, MpState.UNINITIALIZED, MpState.INIT_RECEIVED,
-                         MpState.HALTED, MpState.SIPI_RECEIVED):
-            raise OSError(errno.EINVAL, f"KVM_SET_MP_STATE: invalid state {state}")
-        self._mp_state = state
 
     # ================================================================ hooks (engine thread)
     def _on_in(self, uc: Any, port: int, size: int, ud: Any) -> int:
