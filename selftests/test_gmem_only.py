@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import require_gmem_flags
 from kvmpy.guest import GuestAssertionError, GuestVm, UcallCmd
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import memslot_accepts_guest_memfd
 from kvmpy.testing.private import guest_accesses_emulated
-from kvmpy.testing.require import require_cap, where
-from kvmpy.uapi import PAGE_SIZE, Cap, GuestMemfdFlag
+from kvmpy.testing.require import where
+from kvmpy.uapi import PAGE_SIZE, GuestMemfdFlag
 
 pytestmark = pytest.mark.guest
 
@@ -38,7 +39,7 @@ def test_gmem_only_ignores_userspace_addr(kvm: Kvm, vm_type: int, make_vm: objec
     """The guest reads the guest_memfd's 0xaa, not the userspace_addr buffer's 0x11, and writes
     into the guest_memfd only (KVM_MEMSLOT_GMEM_ONLY, kvm_gmem_bind())."""
     with GuestVm(kvm, "guest_memfd_guest", vm_type=vm_type, timeout=60.0) as g:
-        require_cap(g.vm, Cap.GUEST_MEMFD_FLAGS, MMAP_SHARED)
+        require_gmem_flags(g.vm, MMAP_SHARED)
         if not memslot_accepts_guest_memfd(g.vm):
             pytest.skip(f"KVM_MEM_GUEST_MEMFD memslots not accepted on {where(g.vm)}")
         emulated, fact = guest_accesses_emulated(g, "guest_sync_once")
