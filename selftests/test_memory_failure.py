@@ -23,7 +23,9 @@ possible here: a private guest_memfd page cannot be mapped by the host to inject
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from kvmpy.errors import KvmError
 from kvmpy.guest import GuestVm
 from kvmpy.guest.ucall import Ucall
 from kvmpy.system import Kvm
+from kvmpy.testing.child import run_in_child
 from kvmpy.testing.errnos import memslot_accepts_guest_memfd
 from kvmpy.testing.private import emu_gap
 from kvmpy.testing.require import where
@@ -68,10 +71,19 @@ def _page(i: int) -> bytes:
 
 
 def _poison(kvm: Kvm, addr: int) -> None:
-    try:
+    """MADV_HWPOISON from a forked child: memory_failure() with MF_ACTION_REQUIRED kills the
+    task that injects (mm/memory-failure.c kill_procs(): BUS_MCEERR_AR to current), so the
+    child may die of SIGBUS; other processes mapping the page are left alone unless
+    vm.memory_failure_early_kill is set."""
+    def inject() -> str:
+        faulthandler.disable()
+        signal.signal(signal.SIGBUS, signal.SIG_DFL)
         kvm.backend.madvise(addr, P, MADV_HWPOISON)
-    except OSError as e:
-        raise AssertionError(f"madvise({addr:#x}, {P:#x}, MADV_HWPOISON) failed: {e}") from None
+        return "madvise returned"
+
+    out = run_in_child(inject, timeout=30.0)
+    assert out.ok or out.signal == signal.SIGBUS, \
+        f"madvise({addr:#x}, {P:#x}, MADV_HWPOISON) in a child: {out.describe()}"
 
 
 def test_hwpoison_host_access(request: pytest.FixtureRequest, kvm: Kvm, gmem_vm: Vm) -> None:
