@@ -14,7 +14,11 @@ No merged upstream selftest covers it (in-flight series do). Kernel paths, 7.3:
   same path); KVM_PRE_FAULT_MEMORY of it fails with EHWPOISON as well (kvm_tdp_page_prefault());
 * fallocate(PUNCH_HOLE) over the poisoned page (kvm_gmem_punch_hole() ->
   truncate_inode_pages_range()) drops the folio; the next fault allocates a fresh zeroed page,
-  for the host and for the guest.
+  for a new host mapping and for the guest. A host mapping that existed at the failure keeps
+  SIGBUSing at that address (its hwpoison PTE survives truncation), so it is not read again.
+* memory_failure() itself logs "recovery action for dirty unevictable LRU page: Failed" on
+  7.3 (the folio is still referenced after kvm_gmem_error_folio()'s MF_DELAYED): the error is
+  contained all the same, which is what these tests pin.
 
 Needs root (MADV_HWPOISON is CAP_SYS_ADMIN) and CONFIG_MEMORY_FAILURE (its sysctl
 vm.memory_failure_recovery): each skip names the one missing. The private variant is not
@@ -107,11 +111,20 @@ def test_hwpoison_host_access(request: pytest.FixtureRequest, kvm: Kvm, gmem_vm:
             assert m.read(i * P, P) == _page(i), f"page {i} changed after page {POISONED} was poisoned"
     assert g.fstat().st_size == NPAGES * P
     g.punch_hole(POISONED * P, P)
-    r = touch(bad, P, write=False)
+    # The mapping that had the page keeps a hwpoison entry at that address even after the
+    # punch (truncation does not zap hwpoison PTEs: mm/memory.c zap_nonpresent_ptes() with
+    # even_cows false): observed on 7.3 as SIGBUS in this process. It is unmapped unread;
+    # a new mapping faults the fresh page.
+    m.close()
+    again = g.mmap()
+    r = touch(again.addr + POISONED * P, P, write=False)
     assert r.completed, f"read of the punched, formerly poisoned page: {r.describe()}"
-    assert m.read(POISONED * P, P) == b"\0" * P, "the re-faulted page is not zero"
-    m.write(POISONED * P, _page(9))
-    assert m.read(POISONED * P, P) == _page(9)
+    assert again.read(POISONED * P, P) == b"\0" * P, "the re-faulted page is not zero"
+    again.write(POISONED * P, _page(9))
+    assert again.read(POISONED * P, P) == _page(9)
+    for i in range(NPAGES):
+        if i != POISONED:
+            assert again.read(i * P, P) == _page(i), f"page {i} changed after the punch"
 
 
 def test_hwpoison_guest_access(request: pytest.FixtureRequest, kvm: Kvm) -> None:
