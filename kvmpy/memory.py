@@ -124,8 +124,11 @@ class SharedMemory:
     """
 
     def __init__(self, backend: Backend, size: int, name: str = "kvmpy-shared",
-                 hugetlb: bool = False) -> None:
-        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0)
+                 hugetlb: bool = False, huge_2m: bool = False) -> None:
+        """``hugetlb``: MFD_HUGETLB (the default huge page size); ``huge_2m`` also asks for
+        2 MiB pages explicitly (MFD_HUGE_2MB)."""
+        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb or huge_2m else 0) | \
+            (os.MFD_HUGE_2MB if huge_2m else 0)
         self.fd = os.memfd_create(name, flags)
         try:
             os.ftruncate(self.fd, size)

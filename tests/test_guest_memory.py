@@ -65,6 +65,11 @@ def test_hugetlb_unavailable_names_the_resource(host: HostBackend) -> None:
         make_backing(host, "hugetlb", 1 << 40)
 
 
+def test_hugetlb_2m_unavailable_names_the_resource(host: HostBackend) -> None:
+    with pytest.raises(BackingUnavailable, match="2 MiB hugetlb backing"):
+        make_backing(host, "hugetlb_2m", 1 << 40)
+
+
 def test_unknown_backing(host: HostBackend) -> None:
     with pytest.raises(ValueError, match="unknown backing 'nvdimm'"):
         make_backing(host, "nvdimm", 4096)

@@ -126,3 +126,49 @@ def libc_move_pages(addrs: list[int], nodes: list[int] | None = None,
                     ctypes.c_int(flags)) < 0:
         raise errno_error("move_pages")
     return list(status)
+
+
+# --- mapping and file syscalls the guest_memfd file cases need (selftests/test_gmem_file.py) ---
+SYS_USERFAULTFD = 323
+MREMAP_MAYMOVE = 1
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.mprotect.restype = ctypes.c_int
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+libc.mremap.restype = ctypes.c_void_p
+libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fstatfs.restype = ctypes.c_int
+
+
+def libc_mprotect(addr: int, length: int, prot: int) -> None:
+    """mprotect(2)."""
+    _fits("mprotect", addr=(addr, _SIZE_T), length=(length, _SIZE_T), prot=(prot, _C_INT))
+    if libc.mprotect(addr, length, prot) == -1:
+        raise errno_error("mprotect")
+
+
+def libc_mremap(addr: int, old_length: int, new_length: int, flags: int) -> int:
+    """mremap(2) without a fixed target; returns the new address."""
+    _fits("mremap", addr=(addr, _SIZE_T), old_length=(old_length, _SIZE_T),
+          new_length=(new_length, _SIZE_T), flags=(flags, _C_INT))
+    ret = libc.mremap(addr, old_length, new_length, flags)
+    if ret is None or ret == MAP_FAILED:
+        raise errno_error("mremap")
+    return int(ret)
+
+
+def libc_fstatfs_type(fd: int) -> int:
+    """fstatfs(2)'s f_type (the first member of x86_64's struct statfs, a long)."""
+    _fits("fstatfs", fd=(fd, _C_INT))
+    buf = (ctypes.c_long * 16)()  # struct statfs is 120 bytes on x86_64
+    if libc.fstatfs(fd, buf) == -1:
+        raise errno_error("fstatfs")
+    return int(buf[0]) & 0xFFFF_FFFF
+
+
+def libc_userfaultfd(flags: int) -> int:
+    """userfaultfd(2); returns the fd."""
+    _fits("userfaultfd", flags=(flags, _C_INT))
+    ret = int(libc.syscall(SYS_USERFAULTFD, ctypes.c_int(flags)))
+    if ret < 0:
+        raise errno_error("userfaultfd")
+    return ret

@@ -7,6 +7,7 @@ Backings (the selftests' vm_mem_backing_src_type):
   "thp"        private anonymous memory, 2 MiB aligned, madvise(MADV_HUGEPAGE);
   "hugetlb"    a memfd with MFD_HUGETLB (needs free hugetlb pages on the host), mapped in whole
                huge pages (the size rounded up; the memslot uses the size asked for);
+  "hugetlb_2m" the same with 2 MiB pages asked for explicitly (MFD_HUGE_2MB), whole 2 MiB pages;
   "none"       no host backing (a guest_memfd-only slot; userspace_addr from ``shared``).
 """
 
@@ -21,7 +22,7 @@ from ..gmem import GuestMemfd
 from ..memory import Mapping, SharedMemory, anonymous
 from .x86 import PAGE_2M
 
-BACKINGS = ("shmem", "anonymous", "thp", "hugetlb", "none")
+BACKINGS = ("shmem", "anonymous", "thp", "hugetlb", "hugetlb_2m", "none")
 MADV_HUGEPAGE = 14
 
 
@@ -57,6 +58,18 @@ def hugetlb_available(size: int) -> tuple[bool, str]:
     if free * page_kb * 1024 < size:
         return False, (f"hugetlb backing of {size:#x} bytes needs free hugetlb pages: "
                        f"HugePages_Free={free} ({page_kb} kB pages) on this host")
+    return True, ""
+
+
+def hugetlb_2m_available(size: int) -> tuple[bool, str]:
+    p = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+    try:
+        free = int(p.read_text())
+    except OSError:
+        return False, f"2 MiB hugetlb backing: {p} is absent"
+    if free * (2 << 20) < size:
+        return False, (f"2 MiB hugetlb backing of {size:#x} bytes needs free 2 MiB hugetlb "
+                       f"pages: {p} = {free}")
     return True, ""
 
 
@@ -104,6 +117,12 @@ def make_backing(backend: Backend, kind: str, size: int, name: str = "kvmpy-test
             raise BackingUnavailable(why)
         # The mapping covers whole huge pages; the memslot uses the first ``size`` bytes.
         sm = SharedMemory(backend, hugetlb_size(size), name, hugetlb=True)
+        return Backing(kind, sm.mapping, sm)
+    if kind == "hugetlb_2m":
+        ok, why = hugetlb_2m_available(size)
+        if not ok:
+            raise BackingUnavailable(why)
+        sm = SharedMemory(backend, hugetlb_size(size, 2 << 20), name, huge_2m=True)
         return Backing(kind, sm.mapping, sm)
     if kind == "anonymous":
         return Backing(kind, anonymous(backend, size, name))

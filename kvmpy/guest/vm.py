@@ -215,7 +215,7 @@ class GuestVm:
                    writable: bool = True) -> MemRegion:
         """Add a test memslot (at or above 4 GiB unless ``gpa`` says otherwise).
 
-        ``backing``: shmem (default) | anonymous | thp | hugetlb | none (memory.py).
+        ``backing``: shmem (default) | anonymous | thp | hugetlb | hugetlb_2m | none (memory.py).
         ``gmem``: True to create a guest_memfd (``gmem_flags``) for the slot, or an existing
         one; the slot then has KVM_MEM_GUEST_MEMFD at ``gmem_offset``.
         ``shared``: what userspace_addr points at: "backing", "gmem" (the guest_memfd's own
