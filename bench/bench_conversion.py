@@ -19,7 +19,7 @@ import pytest
 from kvmpy.gmem import GuestMemfd
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
-from kvmpy.testing.private import require_private_mem
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.testing.require import require_cap
 from kvmpy.uapi import Cap, MemFlag, VmType
 from kvmpy.vm import Vm

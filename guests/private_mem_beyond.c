@@ -3,7 +3,7 @@
  * Guests of selftests/test_private_mem_beyond.py: private-memory cases beyond the kernel's
  * selftests (userspace-resolved memory faults, conversions next to busy vCPUs, punch-hole
  * re-reads, KVM_HC_MAP_GPA_RANGE edge cases). The a2 bits of KVM_HC_MAP_GPA_RANGE are the
- * conversions test's (kvmpy/testing/private.py).
+ * conversions test's (selftests/test_private_mem_conversions.py).
  */
 #include "private_mem.h"
 

@@ -6,7 +6,7 @@
  * Each vCPU owns a per-CPU area at `base` (GVA == GPA, AREA_SIZE = 2 MiB + 4 KiB mapped) and
  * asks the host to convert ranges of it with KVM_HC_MAP_GPA_RANGE (hypercalls.rst). The third
  * hypercall argument carries this test's own bits (KVM passes a2 through to userspace
- * unread): SET_ATTRIBUTES, SHARED and DO_FALLOCATE, decoded by kvmpy/testing/private.py.
+ * unread): SET_ATTRIBUTES, SHARED and DO_FALLOCATE, decoded by selftests/test_private_mem_conversions.py.
  * GUEST_SYNC(SYNC_SHARED, gpa, size, cur, new) asks the host to check that the shared backing
  * holds `cur` and to fill it with `new`; GUEST_SYNC(SYNC_PRIVATE, gpa, size, p) asks it to check
  * that the shared backing still holds `p` (private writes never reach it).

@@ -46,7 +46,7 @@ from kvmpy.backend.libc import (
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname
-from kvmpy.testing.private import emu_gap
+from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import PAGE_SIZE, GuestMemfdFlag

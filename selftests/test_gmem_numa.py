@@ -29,7 +29,7 @@ from kvmpy.backend.libc import MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT, libc_mbi
 from kvmpy.guest import GuestVm
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd
-from kvmpy.testing.private import emu_gap
+from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, Cap, GuestMemfdFlag
 

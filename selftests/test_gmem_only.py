@@ -24,7 +24,7 @@ from conftest import require_gmem_flags
 from kvmpy.guest import GuestAssertionError, GuestVm, UcallCmd
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import memslot_accepts_guest_memfd
-from kvmpy.testing.private import guest_accesses_emulated
+from kvmpy.testing.private_mem import guest_accesses_emulated
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, GuestMemfdFlag
 

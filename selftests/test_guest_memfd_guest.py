@@ -21,7 +21,7 @@ import pytest
 
 from kvmpy.guest import GuestVm, UcallCmd
 from kvmpy.system import Kvm
-from kvmpy.testing.private import guest_accesses_emulated
+from kvmpy.testing.private_mem import guest_accesses_emulated
 from kvmpy.testing.require import require_cap, where
 from kvmpy.uapi import PAGE_SIZE, Cap, ExitReason, GuestMemfdFlag, MemFlag, VmType
 from kvmpy.vcpu import Exit

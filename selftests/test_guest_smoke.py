@@ -27,8 +27,8 @@ from kvmpy.guest import (
     GuestVm,
     UcallCmd,
 )
+from kvmpy.guest.backing import hugetlb_page_size, hugetlb_size, make_backing
 from kvmpy.guest.build import guests_dir
-from kvmpy.guest.memory import hugetlb_page_size, hugetlb_size, make_backing
 from kvmpy.guest.stats import read_stats
 from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm

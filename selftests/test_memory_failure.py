@@ -42,7 +42,7 @@ from kvmpy.guest.ucall import Ucall
 from kvmpy.system import Kvm
 from kvmpy.testing.child import run_in_child
 from kvmpy.testing.errnos import memslot_accepts_guest_memfd
-from kvmpy.testing.private import emu_gap
+from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import PAGE_SIZE, Cap, ExitReason, GuestMemfdFlag, kvm_pre_fault_memory

@@ -25,7 +25,7 @@ from kvmpy.guest import GuestVm, MemRegion, UcallCmd
 from kvmpy.guest.threads import VcpuThread
 from kvmpy.guest.ucall import Ucall, UnexpectedExit
 from kvmpy.system import Kvm
-from kvmpy.testing.private import emu_gap, guest_accesses_emulated
+from kvmpy.testing.private_mem import emu_gap, guest_accesses_emulated
 from kvmpy.testing.require import where
 from kvmpy.uapi import Cap, ExitReason, Quirk
 from kvmpy.vcpu import Exit, Vcpu

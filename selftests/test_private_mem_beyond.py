@@ -39,7 +39,7 @@ from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
 from kvmpy.guest.hypercall import MAP_GPA_RANGE_BIT, enable_map_gpa_range_exit
 from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
-from kvmpy.testing.private import require_private_mem
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.uapi import (
     PAGE_SIZE,
     ExitReason,

@@ -34,7 +34,7 @@ from kvmpy.guest.hypercall import MapGpaRange, complete_hypercall, enable_map_gp
 from kvmpy.guest.ucall import UnexpectedExit, UnexpectedUcall
 from kvmpy.guest.x86 import PAGE_2M
 from kvmpy.system import Kvm
-from kvmpy.testing.private import require_private_mem
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.uapi import PAGE_SIZE, ExitReason, MemoryAttribute, VmType
 from kvmpy.vcpu import Exit, Vcpu
 

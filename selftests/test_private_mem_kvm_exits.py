@@ -20,7 +20,7 @@ import pytest
 
 from kvmpy.guest import GuestVm, UcallCmd
 from kvmpy.system import Kvm
-from kvmpy.testing.private import require_private_mem
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.uapi import PAGE_SIZE, ExitReason, MemoryExitFlag, VmType
 from kvmpy.vcpu import Exit, Vcpu
 

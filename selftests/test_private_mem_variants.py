@@ -16,7 +16,7 @@ import pytest
 import test_private_mem_conversions as conv
 
 from kvmpy.system import Kvm
-from kvmpy.testing.private import require_private_mem
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.vcpu import Vcpu
 
 pytestmark = pytest.mark.guest

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from kvmpy.guest import GuestVm
-from kvmpy.guest.memory import MemRegion
+from kvmpy.guest.backing import MemRegion
 from kvmpy.guest.threads import VcpuThread
 from kvmpy.memory import Mapping
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import valid_gmem_flags
-from kvmpy.testing.private import require_private_mem
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, GuestMemfdFlag, VmType
 from kvmpy.vcpu import Vcpu

@@ -2,7 +2,7 @@
 /*
  * Guest side shared by the private-memory guests (private_mem_conversions.c,
  * private_mem_beyond.c): the KVM_HC_MAP_GPA_RANGE request with the conversions test's own a2
- * bits (KVM passes a2 through to userspace unread; the host side is kvmpy/testing/private.py),
+ * bits (KVM passes a2 through to userspace unread; the host side is selftests/test_private_mem_conversions.py),
  * the SYNC stages, and page-aligned pattern fill/check with qword string instructions: one
  * instruction for the whole range (cheap where guest instructions are emulated one by one), and
  * 8 bytes per iteration where an emulator iterates.

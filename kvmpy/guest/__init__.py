@@ -1,9 +1,9 @@
 """Guest programs for kvmpy: build (guests/), load (ELF), bring up in long mode, and run
 with ucall decoding and a watchdog. See docs/guests.md."""
 
+from .backing import BACKINGS, BackingUnavailable, MemRegion
 from .build import GuestBuildError, build
 from .elf import GuestImage
-from .memory import BACKINGS, BackingUnavailable, MemRegion
 from .threads import VcpuThread, join_all
 from .ucall import (
     GuestAssertionError,

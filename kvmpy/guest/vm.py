@@ -35,9 +35,9 @@ from ..uapi.constants import UCALL_PIO_PORT
 from ..vcpu import Exit, Vcpu
 from ..vm import Vm
 from . import x86
+from .backing import BACKINGS, Backing, MemRegion, make_backing
 from .build import build
 from .elf import GuestImage
-from .memory import BACKINGS, Backing, MemRegion, make_backing
 from .threads import VcpuThread, join_all
 from .ucall import (
     UCALL_SIZE,
@@ -215,7 +215,7 @@ class GuestVm:
                    writable: bool = True) -> MemRegion:
         """Add a test memslot (at or above 4 GiB unless ``gpa`` says otherwise).
 
-        ``backing``: shmem (default) | anonymous | thp | hugetlb | hugetlb_2m | none (memory.py).
+        ``backing``: shmem (default) | anonymous | thp | hugetlb | hugetlb_2m | none (backing.py).
         ``gmem``: True to create a guest_memfd (``gmem_flags``) for the slot, or an existing
         one; the slot then has KVM_MEM_GUEST_MEMFD at ``gmem_offset``.
         ``shared``: what userspace_addr points at: "backing", "gmem" (the guest_memfd's own

@@ -1,4 +1,4 @@
-"""Host backings for test memslots (kvmpy/guest/memory.py), without a VM."""
+"""Host backings for test memslots (kvmpy/guest/backing.py), without a VM."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from kvmpy.backend.host import HostBackend
-from kvmpy.guest.memory import (
+from kvmpy.guest.backing import (
     BackingUnavailable,
     MemRegion,
     hugetlb_available,
