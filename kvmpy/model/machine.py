@@ -24,6 +24,7 @@ import dataclasses
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, event, settings
@@ -280,7 +281,9 @@ def model_budget(per_test_timeout: float | None) -> float:
 
 def run_machine(kvm: Kvm, vm_type: int, stats: Counter[str] | None = None, *,
                 budget: float | None = None, examples: int | None = None,
-                steps: int | None = None, shrink: bool | None = None) -> BudgetRun:
+                steps: int | None = None, shrink: bool | None = None,
+                until: Callable[[], bool] | None = None,
+                limit: float | None = None) -> BudgetRun:
     """Run the state machine for ``kvm`` / ``vm_type`` within ``budget`` seconds, or exactly
     ``examples`` examples when given (or KVMPY_MODEL_EXAMPLES is set).
 
@@ -290,7 +293,10 @@ def run_machine(kvm: Kvm, vm_type: int, stats: Counter[str] | None = None, *,
     EXAMPLES_CAP examples in all). The clock is read only
     between hypothesis runs: inside one, generation and the replays of a failing example stay
     deterministic (hypothesis calls time-dependent behaviour flaky). A failure propagates with
-    the sequence as a reproducer note (shrunk by hypothesis when ``shrink``)."""
+    the sequence as a reproducer note (shrunk by hypothesis when ``shrink``).
+
+    ``until``: a coverage goal; when the budget is spent before it is met (a slow host ran a
+    chunk or two), chunks of 2 go on until it is met or ``limit`` seconds have passed."""
     if shrink is None:
         shrink = SHRINK if _SHRINK_ENV else not kvm.backend.is_real
     if examples is None and budget is None and EXAMPLES_SET:
@@ -312,7 +318,11 @@ def run_machine(kvm: Kvm, vm_type: int, stats: Counter[str] | None = None, *,
         if n < 1 or left <= 0:
             why = (f"budget of {budget:g} s spent ({per_example:.2f} s per example on "
                    f"{kvm.backend.name})")
-            break
+            spent = time.monotonic() - t0
+            if until is None or until() or limit is None or \
+                    spent + 2 * per_example > limit:
+                break
+            n, why = 2, why + "; went on for the coverage goal"
         machine = make_machine(kvm, vm_type, stats)
         if not RANDOM:
             # hypothesis.seed() on the machine class (run_state_machine_as_test copies it).
