@@ -85,7 +85,7 @@ def test_private_page_served_from_gmem_then_shared_backing_after_conversion(gues
 def test_punch_hole_is_seen_by_the_guest(guests):
     """After a punch-hole of a private page (and the zap KVM does for it) the guest reads
     zeroes from it."""
-    from kvmpy.backend.emu._libc import libc_fallocate
+    from kvmpy.backend.libc import libc_fallocate
 
     vm = FakeVm()
     g = guests(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)

@@ -35,7 +35,7 @@ from ...uapi import (
     PAGE_SIZE,
     GuestMemfdFlag,
 )
-from ._libc import libc, libc_fallocate, libc_mmap, libc_munmap
+from ..libc import libc, libc_fallocate, libc_mmap, libc_munmap
 
 if TYPE_CHECKING:
     from .profiles import Profile

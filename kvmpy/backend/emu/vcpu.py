@@ -52,7 +52,7 @@ from ...uapi import (
     kvm_sregs,
 )
 from ...uapi.ioctls import Ioctl
-from ._libc import copy_from_user, copy_to_user
+from ..libc import copy_from_user, copy_to_user
 from .cpustate import (
     RFLAGS_FIXED,
     RFLAGS_RF,
