@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kvmpy.backend.emu import EmuBackend
-from kvmpy.backend.emu.x86.testing import (
+from kvmpy.backend.emu.x86.fakevm import (
     CODE,
     LOW_SIZE,
     STACK_TOP,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 from ..uapi.structs import check_int
@@ -172,3 +173,56 @@ def libc_userfaultfd(flags: int) -> int:
     if ret < 0:
         raise errno_error("userfaultfd")
     return ret
+
+
+# --- the emulated KVM's user copies and host-mapping probe (kvmpy/backend/emu) -----------------
+MS_ASYNC = 1
+
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_iovec), ctypes.c_ulong,
+                                  ctypes.POINTER(_iovec), ctypes.c_ulong, ctypes.c_ulong]
+libc.process_vm_readv.restype = ctypes.c_ssize_t
+libc.process_vm_writev.argtypes = libc.process_vm_readv.argtypes
+libc.process_vm_writev.restype = ctypes.c_ssize_t
+libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.msync.restype = ctypes.c_int
+
+
+def copy_from_user(addr: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``addr`` of this process through process_vm_readv(2); EFAULT if
+    they are not readable (instead of crashing the interpreter)."""
+    if size == 0:
+        return b""
+    _fits("copy_from_user", addr=(addr, _SIZE_T), size=(size, _SIZE_T))
+    buf = ctypes.create_string_buffer(size)
+    local = _iovec(ctypes.addressof(buf), size)
+    remote = _iovec(addr, size)
+    n = libc.process_vm_readv(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != size:
+        raise OSError(errno.EFAULT, f"copy_from_user({addr:#x}, {size}): bad address")
+    return buf.raw
+
+
+def copy_to_user(addr: int, data: bytes) -> None:
+    """Write ``data`` at ``addr`` of this process through process_vm_writev(2); EFAULT if it is
+    not writable."""
+    if not data:
+        return
+    _fits("copy_to_user", addr=(addr, _SIZE_T))
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _iovec(ctypes.addressof(buf), len(data))
+    remote = _iovec(addr, len(data))
+    n = libc.process_vm_writev(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != len(data):
+        raise OSError(errno.EFAULT, f"copy_to_user({addr:#x}, {len(data)}): bad address")
+
+
+def libc_msync(addr: int, length: int, flags: int) -> None:
+    """msync(2) (with MS_ASYNC, ENOMEM says part of the range is not mapped)."""
+    _fits("msync", addr=(addr, _SIZE_T), length=(length, _SIZE_T), flags=(flags, _C_INT))
+    if libc.msync(addr, length, flags) == -1:
+        raise errno_error("msync")

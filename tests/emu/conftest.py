@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from kvmpy.backend.emu.x86.testing import Guest
+from kvmpy.backend.emu.x86.fakevm import Guest
 
 
 @pytest.fixture

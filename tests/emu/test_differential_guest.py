@@ -22,7 +22,7 @@ import pytest
 
 from kvmpy import Kvm
 from kvmpy.backend import Backend
-from kvmpy.backend.emu.x86.testing import (
+from kvmpy.backend.emu.x86.fakevm import (
     CODE,
     DATA,
     LOW_SIZE,

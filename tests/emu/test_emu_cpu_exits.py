@@ -1,4 +1,4 @@
-"""EmuVcpu exits on hand-assembled guests, against a small stand-in VM (x86/testing.py).
+"""EmuVcpu exits on hand-assembled guests, against a small stand-in VM (x86/fakevm.py).
 
 Each test pins a KVM behaviour named in its docstring (api.rst 5. "The kvm_run structure")."""
 
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from kvmpy.backend.emu.x86.testing import DATA, FakeVm
+from kvmpy.backend.emu.x86.fakevm import DATA, FakeVm
 from kvmpy.uapi import ExitReason, Hypercall, KvmHcError
 
 pytestmark = pytest.mark.guest

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from kvmpy.backend.emu import EmuBackend
-from kvmpy.backend.emu.x86.testing import FakeGmem, FakeVm, Memfd
+from kvmpy.backend.emu.x86.fakevm import FakeGmem, FakeVm, Memfd
 from kvmpy.memory import SharedMemory, anonymous
 from kvmpy.system import Kvm
 from kvmpy.uapi import (
@@ -85,7 +85,7 @@ def test_private_page_served_from_gmem_then_shared_backing_after_conversion(gues
 def test_punch_hole_is_seen_by_the_guest(guests):
     """After a punch-hole of a private page (and the zap KVM does for it) the guest reads
     zeroes from it."""
-    from kvmpy.backend.emu._libc import libc_fallocate
+    from kvmpy.backend.libc import libc_fallocate
 
     vm = FakeVm()
     g = guests(f"mov rbx, {GPA}\n1: mov r12, [rbx]\nmov dx, 1\nout dx, al\njmp 1b", vm=vm)
@@ -135,7 +135,7 @@ def test_private_gfn_without_memslot_is_private_memory_fault(guests):
 def test_page_tables_in_another_memslot(guests):
     """Page-table pages may live in any memslot: unicorn's own walker does not fault slots
     in, so the emulator must map them before the guest sees a (wrong) #PF."""
-    from kvmpy.backend.emu.x86.testing import PDPT
+    from kvmpy.backend.emu.x86.fakevm import PDPT
 
     vm = FakeVm()
     g = guests(f"mov rbx, {GPA}\nmov r12, [rbx]\nhlt", vm=vm)
@@ -269,7 +269,7 @@ def test_readonly_slot_write_is_mmio(guests):
 # --- through the real emulated backend (the issue's acceptance scenario) ---------------------
 def _emu_vcpu_guest(kvm: Kvm, vm, src: str):
     """Low memory + long mode for a hand-assembled guest on an EmuBackend VM."""
-    from kvmpy.backend.emu.x86.testing import (
+    from kvmpy.backend.emu.x86.fakevm import (
         CODE,
         LOW_SIZE,
         STACK_TOP,

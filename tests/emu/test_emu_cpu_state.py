@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from kvmpy.backend.emu.x86.testing import STACK_TOP, FakeVm, VcpuHarness, long_mode_sregs
+from kvmpy.backend.emu.x86.fakevm import STACK_TOP, FakeVm, VcpuHarness, long_mode_sregs
 from kvmpy.uapi import ExitReason, Ioctl, MpState, kvm_sregs
 
 pytestmark = pytest.mark.guest

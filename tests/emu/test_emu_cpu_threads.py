@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpy.backend.emu.x86.testing import DATA, FakeVm, Guest, VcpuHarness, long_mode_sregs
+from kvmpy.backend.emu.x86.fakevm import DATA, FakeVm, Guest, VcpuHarness, long_mode_sregs
 from kvmpy.uapi import ExitReason, kvm_regs
 
 pytestmark = pytest.mark.guest
@@ -122,7 +122,7 @@ def test_two_vcpus_spin_wait_and_atomic_increments():
        jnz 2b
     hlt
     """
-    from kvmpy.backend.emu.x86.testing import CODE, code_offset
+    from kvmpy.backend.emu.x86.fakevm import CODE, code_offset
 
     g = Guest(src)
     h1 = _second_vcpu(g.vm, CODE + code_offset(src, "vcpu1"))
@@ -142,7 +142,7 @@ def test_two_vcpus_spin_wait_and_atomic_increments():
 def test_invalidate_from_another_thread_reaches_a_running_guest():
     """A conversion while the vCPU spins: the guest sees the new backing without leaving
     KVM_RUN (here it exits with OUT when it sees the new value)."""
-    from kvmpy.backend.emu.x86.testing import Memfd
+    from kvmpy.backend.emu.x86.fakevm import Memfd
 
     gpa = 1 << 32
     g = Guest(f"mov rbx, {gpa}\n1: cmp qword ptr [rbx], 7\njne 1b\nmov dx, 9\nout dx, al\nhlt")
@@ -168,7 +168,7 @@ def test_invalidate_is_synchronous_for_a_running_vcpu():
     synchronous wait the count keeps growing for the rest of the vCPU's time slice)."""
     import os
 
-    from kvmpy.backend.emu.x86.testing import FakeGmem, Memfd
+    from kvmpy.backend.emu.x86.fakevm import FakeGmem, Memfd
 
     gpa = 1 << 32
     g = Guest(f"""
@@ -227,7 +227,7 @@ KNOWN_EXITS = {ExitReason.IO, ExitReason.MMIO, ExitReason.HLT, ExitReason.SHUTDO
 def test_random_code_ends_in_a_kvm_like_exit(code: bytes) -> None:
     """Random bytes at RIP (with an IDT whose gates are empty, so any exception escalates)
     end in a KVM exit or a clear OSError within a watchdog, never a crash or a hang."""
-    from kvmpy.backend.emu.x86.testing import CODE, build_low_memory
+    from kvmpy.backend.emu.x86.fakevm import CODE, build_low_memory
 
     g = _fuzz_target()
     g.low.write(0, bytes(0x20000))

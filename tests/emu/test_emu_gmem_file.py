@@ -101,7 +101,7 @@ def test_contents_file_cannot_shrink(handle_kind: str) -> None:
 _SIGBUS_CHILD = textwrap.dedent("""
     import os, sys
     from kvmpy.backend.emu.gmem import EmuGmem
-    from kvmpy.backend.emu.x86.testing import FakeVm, Guest
+    from kvmpy.backend.emu.x86.fakevm import FakeVm, Guest
     from kvmpy.uapi import ExitReason
     GPA, PAGE = 1 << 32, 4096
     vm = FakeVm()
@@ -241,7 +241,7 @@ def test_one_fd_per_guest_memfd(handle_kind: str) -> None:
 def test_one_fd_per_guest_memfd_vcpu() -> None:
     """A vCPU running on private guest_memfd memory maps the contents without keeping an fd."""
     from kvmpy.backend.emu.gmem import EmuGmem
-    from kvmpy.backend.emu.x86.testing import FakeVm, Guest
+    from kvmpy.backend.emu.x86.fakevm import FakeVm, Guest
     from kvmpy.uapi import ExitReason
 
     vm = FakeVm()

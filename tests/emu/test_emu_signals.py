@@ -19,7 +19,7 @@ import pytest
 
 from kvmpy import Kvm
 from kvmpy.backend.emu import EmuBackend
-from kvmpy.backend.emu.x86.testing import (
+from kvmpy.backend.emu.x86.fakevm import (
     CODE,
     LOW_SIZE,
     STACK_TOP,
@@ -94,7 +94,7 @@ def test_signal_with_handler_ends_run_with_eintr(guests: Any, alarm: Any) -> Non
 
 def test_signal_ends_a_halted_wait(alarm: Any) -> None:
     """With an in-kernel irqchip HLT blocks the vCPU; a signal ends that wait too."""
-    from kvmpy.backend.emu.x86.testing import FakeVm
+    from kvmpy.backend.emu.x86.fakevm import FakeVm
 
     g = Guest("hlt\n1: jmp 1b", vm=FakeVm(irqchip=True))
     try:
@@ -168,7 +168,7 @@ def test_exception_in_a_hook_is_not_turned_into_an_exit(guests: Any,
     UcError instead when the hook had to return a value (unmapped access): the exception must
     still reach the caller, not become an internal-error or memory-fault exit."""
     g: Guest = guests("mov rax, [0x100000000]\nmov dx, 1\nout dx, al\nhlt")
-    from kvmpy.backend.emu.x86.testing import Memfd
+    from kvmpy.backend.emu.x86.fakevm import Memfd
 
     mem = Memfd(4096, "hi")
     g.vm.set_slot(1, 1 << 32, 4096, mem.addr)

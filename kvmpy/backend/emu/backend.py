@@ -36,8 +36,7 @@ from ...uapi import (
     kvm_userspace_memory_region2,
 )
 from .. import Backend, IoctlArg, arg_pointer
-from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
-from ._libc import (
+from ..libc import (
     copy_from_user,
     copy_to_user,
     libc_fallocate,
@@ -46,6 +45,7 @@ from ._libc import (
     libc_mmap,
     libc_munmap,
 )
+from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
 from .dispatch import Entry, Ptr, Table, call, check_table
 from .gmem import EmuGmem
 from .memslots import RegionArgs

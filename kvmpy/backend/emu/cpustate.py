@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from unicorn import x86_const as X
 
 from ...uapi import MpState, kvm_cpuid2, kvm_cpuid_entry2, kvm_regs, kvm_segment, kvm_sregs
-from ._libc import copy_from_user, copy_to_user
+from ..libc import copy_from_user, copy_to_user
 from .x86 import engine as E
 
 if TYPE_CHECKING:

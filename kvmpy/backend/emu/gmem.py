@@ -27,7 +27,7 @@ import errno
 import fcntl
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...uapi import (
     FALLOC_FL_KEEP_SIZE,
@@ -35,10 +35,10 @@ from ...uapi import (
     PAGE_SIZE,
     GuestMemfdFlag,
 )
-from ._libc import libc, libc_fallocate, libc_mmap, libc_munmap
+from ..libc import libc, libc_fallocate, libc_mmap, libc_munmap
 
 if TYPE_CHECKING:
-    from .vm import EmuMemslot, EmuVm
+    from .profiles import Profile
 
 # include/uapi/linux/falloc.h: modes vfs_fallocate knows (KEEP_SIZE, PUNCH_HOLE,
 # COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE, UNSHARE_RANGE, WRITE_ZEROES).
@@ -148,6 +148,38 @@ class HeldFile:
             self.base = 0
 
 
+class GmemBinding(Protocol):
+    """A memslot bound to a guest_memfd, as the file sees it (memslots.py EmuMemslot)."""
+
+    @property
+    def slot(self) -> int: ...
+    @property
+    def as_id(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def gpa(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def userspace_addr(self) -> int: ...
+    @property
+    def gmem_offset(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+
+
+class GmemVm(Protocol):
+    """What a guest_memfd needs of the VM it belongs to (vm.py EmuVm)."""
+
+    @property
+    def lock(self) -> contextlib.AbstractContextManager[Any]: ...
+    @property
+    def profile(self) -> Profile: ...
+    def invalidate(self, gpa_lo: int, gpa_hi: int) -> None: ...
+    def unbind_gmem(self, gmem: EmuGmem) -> None: ...
+
+
 class EmuGmem:
     """One guest_memfd: ``fd`` (the caller's handle), the contents (a mapping at ``base``;
     ``contents()`` gives an fd of it for one operation), ``size``, ``flags`` and its ``vm``.
@@ -157,7 +189,7 @@ class EmuGmem:
     the bound slot; the slot records gmem_offset and size.
     """
 
-    def __init__(self, vm: EmuVm, size: int, flags: int) -> None:
+    def __init__(self, vm: GmemVm, size: int, flags: int) -> None:
         self.vm = vm
         self.size = size
         self.flags = flags
@@ -169,7 +201,7 @@ class EmuGmem:
         except BaseException:
             self._contents.release()
             raise
-        self.bindings: dict[int, EmuMemslot] = {}
+        self.bindings: dict[int, GmemBinding] = {}
         self.closed = False
         self._sigbus: HeldFile | None = None
         self._compat_fd = -1

@@ -8,16 +8,18 @@ check_memory_region_flags(), the general sanity checks, delete, modify-vs-create
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import os
-from typing import TYPE_CHECKING
+from collections.abc import ItemsView, ValuesView
+from typing import TYPE_CHECKING, Protocol
 
 from ...uapi import PAGE_SIZE, Cap, MemFlag, VmType
 
 if TYPE_CHECKING:
     from .gmem import EmuGmem
-    from .vm import EmuVm
+    from .profiles import Profile
 
 KVM_MEM_SLOTS_NUM = 32767
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
@@ -70,11 +72,92 @@ class RegionArgs:
     gmem_fd: int = 0
 
 
+class MemslotTable:
+    """A VM's installed memslots by key (as_id << 16 | id), plus address space 0 sorted by gpa
+    for ``find``. Owned by the VM (vm.py ``EmuVm.memslots``); changed under the VM's lock."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[int, EmuMemslot] = {}
+        # Address space 0, sorted by gpa, for find().
+        self._slots0: list[EmuMemslot] = []
+        self._starts0: list[int] = []
+
+    def get(self, key: int) -> EmuMemslot | None:
+        return self._by_key.get(key)
+
+    def values(self) -> ValuesView[EmuMemslot]:
+        return self._by_key.values()
+
+    def items(self) -> ItemsView[int, EmuMemslot]:
+        return self._by_key.items()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def find(self, gpa: int) -> EmuMemslot | None:
+        """The address-space-0 memslot containing ``gpa``."""
+        i = bisect.bisect_right(self._starts0, gpa) - 1
+        if i >= 0:
+            s = self._slots0[i]
+            if gpa < s.gpa + s.size:
+                return s
+        return None
+
+    def add(self, s: EmuMemslot) -> None:
+        self._by_key[s.key] = s
+        if s.as_id == 0:
+            i = bisect.bisect_right(self._starts0, s.gpa)
+            self._starts0.insert(i, s.gpa)
+            self._slots0.insert(i, s)
+
+    def remove(self, s: EmuMemslot) -> None:
+        del self._by_key[s.key]
+        if s.gmem is not None:
+            s.gmem.bindings.pop(s.key, None)
+        if s.as_id == 0:
+            i = bisect.bisect_left(self._starts0, s.gpa)
+            while self._slots0[i] is not s:
+                i += 1
+            del self._slots0[i]
+            del self._starts0[i]
+
+    def overlapping(self, as_id: int, sid: int, lo: int, hi: int) -> EmuMemslot | None:
+        """kvm_check_memslot_overlap(): a slot other than ``sid`` intersecting [lo, hi)."""
+        if as_id != 0:
+            return None            # only address space 0 exists (nr_address_spaces == 1)
+        # Slots are disjoint and sorted, so their ends are sorted too: walk down from the last
+        # slot starting below hi while slots still end above lo.
+        i = bisect.bisect_left(self._starts0, hi) - 1
+        while i >= 0 and self._slots0[i].gpa + self._slots0[i].size > lo:
+            if self._slots0[i].slot != sid:
+                return self._slots0[i]
+            i -= 1
+        return None
+
+
+class MemslotVm(Protocol):
+    """What kvm_set_memory_region() needs of the VM (vm.py EmuVm)."""
+
+    @property
+    def type(self) -> int: ...
+    @property
+    def profile(self) -> Profile: ...
+    @property
+    def nr_address_spaces(self) -> int: ...
+    @property
+    def memslots(self) -> MemslotTable: ...
+    def invalidate(self, gpa_lo: int, gpa_hi: int) -> None: ...
+    def backend_gmem(self, fd: int) -> EmuGmem | None: ...
+
+
 def _einval(why: str) -> OSError:
     return OSError(errno.EINVAL, why)
 
 
-def check_flags(vm: EmuVm, r: RegionArgs) -> None:
+def check_flags(vm: MemslotVm, r: RegionArgs) -> None:
     """check_memory_region_flags()."""
     valid = LOG_DIRTY
     if vm.profile.gmem_slot_vm_types & (1 << vm.type):
@@ -89,7 +172,7 @@ def check_flags(vm: EmuVm, r: RegionArgs) -> None:
         raise _einval(f"memslot flags {r.flags:#x} not in {valid:#x} for this VM type")
 
 
-def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
+def set_memory_region(vm: MemslotVm, r: RegionArgs, v2: bool) -> None:
     """kvm_vm_ioctl_set_memory_region(): validate, then create/delete/move/flags-change.
 
     Caller holds vm.lock. Raises OSError with the kernel's errno.
@@ -121,7 +204,7 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
     if r.size == 0:
         if old is None:
             raise _einval(f"deleting slot {sid}, which does not exist")
-        vm.remove_memslot(old)
+        vm.memslots.remove(old)
         vm.invalidate(old.gpa, old.end)
         return
 
@@ -142,7 +225,7 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
         change = "create"
 
     if change in ("create", "move"):
-        s = vm.overlapping_memslot(as_id, sid, r.gpa, r.gpa + r.size)
+        s = vm.memslots.overlapping(as_id, sid, r.gpa, r.gpa + r.size)
         if s is not None:
             raise OSError(errno.EEXIST, f"GPA range overlaps slot {s.slot}")
 
@@ -157,8 +240,8 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
     new = EmuMemslot(sid, as_id, r.flags, r.gpa, r.size, r.userspace_addr, gmem,
                      r.gmem_offset if gmem else 0)
     if old is not None:
-        vm.remove_memslot(old)
-    vm.add_memslot(new)
+        vm.memslots.remove(old)
+    vm.memslots.add(new)
     if gmem is not None:
         gmem.bindings[new.key] = new
     if old is not None and change == "move":
@@ -166,7 +249,7 @@ def set_memory_region(vm: EmuVm, r: RegionArgs, v2: bool) -> None:
     vm.invalidate(new.gpa, new.end)
 
 
-def bind_check(vm: EmuVm, r: RegionArgs) -> EmuGmem:
+def bind_check(vm: MemslotVm, r: RegionArgs) -> EmuGmem:
     """kvm_gmem_bind(): EBADF for no file, EINVAL for a foreign file / another VM's guest_memfd /
     an offset range outside the file, the profile's errno for an overlapping binding."""
     fd = r.gmem_fd & 0xFFFF_FFFF
@@ -179,7 +262,8 @@ def bind_check(vm: EmuVm, r: RegionArgs) -> EmuGmem:
         except OSError:
             raise OSError(errno.EBADF, f"guest_memfd {fd} is not an open file") from None
         raise _einval(f"fd {fd} is not a guest_memfd")
-    if gmem.vm is not vm:
+    owner: object = gmem.vm
+    if owner is not vm:
         raise _einval(f"guest_memfd {fd} belongs to another VM")
     if r.gmem_offset >= 1 << 63 or r.gmem_offset + r.size > gmem.size:
         raise _einval("guest_memfd_offset + memory_size beyond the guest_memfd's size")

@@ -8,7 +8,6 @@ punch-holes), and tells every vCPU to drop its mappings of that GPA range.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import threading
@@ -26,7 +25,7 @@ from ...uapi import (
 )
 from .attributes import AttributeMap
 from .gmem import EmuGmem
-from .memslots import EmuMemslot, RegionArgs, is_private_vm, set_memory_region
+from .memslots import EmuMemslot, MemslotTable, RegionArgs, is_private_vm, set_memory_region
 from .profiles import KVM_MAX_VCPU_IDS, Profile
 
 KVM_MIN_ALLOC_MMU_PAGES = 64
@@ -68,7 +67,9 @@ class EmuVm:
         self.vcpu_ids: set[int] = set()
         self.created_vcpus = 0
         self.memory_version = 0
-        self.memslots: dict[int, EmuMemslot] = {}
+        self.memslots = MemslotTable()
+        #: The address-space-0 memslot containing a gpa (the table's ``find``).
+        self.find_memslot = self.memslots.find
         self.attributes = AttributeMap()
         self.irqchip = False
         self.nr_mmu_pages = 0
@@ -77,23 +78,11 @@ class EmuVm:
         #: meanwhile treat them as gone, as KVM's faults retry while mmu_invalidate_in_progress.
         self.hva_unmapping: list[tuple[int, int]] = []
         self._gmem_lookup = gmem_lookup
-        # Address space 0, sorted by gpa, for find_memslot().
-        self._slots0: list[EmuMemslot] = []
-        self._starts0: list[int] = []
 
     def __repr__(self) -> str:
         return f"<EmuVm type {self.type} profile {self.profile.name}>"
 
     # --- lookups for the vCPU side -------------------------------------------------------------
-    def find_memslot(self, gpa: int) -> EmuMemslot | None:
-        """The address-space-0 memslot containing ``gpa``."""
-        i = bisect.bisect_right(self._starts0, gpa) - 1
-        if i >= 0:
-            s = self._slots0[i]
-            if gpa < s.gpa + s.size:
-                return s
-        return None
-
     def is_private(self, gpa: int) -> bool:
         """KVM_MEMORY_ATTRIBUTE_PRIVATE set on the gfn of ``gpa`` (kvm_mem_is_private())."""
         return self.attributes.is_private(gpa >> PAGE_SHIFT)
@@ -143,37 +132,6 @@ class EmuVm:
     def backend_gmem(self, fd: int) -> EmuGmem | None:
         return self._gmem_lookup(fd)
 
-    def add_memslot(self, s: EmuMemslot) -> None:
-        self.memslots[s.key] = s
-        if s.as_id == 0:
-            i = bisect.bisect_right(self._starts0, s.gpa)
-            self._starts0.insert(i, s.gpa)
-            self._slots0.insert(i, s)
-
-    def remove_memslot(self, s: EmuMemslot) -> None:
-        del self.memslots[s.key]
-        if s.gmem is not None:
-            s.gmem.bindings.pop(s.key, None)
-        if s.as_id == 0:
-            i = bisect.bisect_left(self._starts0, s.gpa)
-            while self._slots0[i] is not s:
-                i += 1
-            del self._slots0[i]
-            del self._starts0[i]
-
-    def overlapping_memslot(self, as_id: int, sid: int, lo: int, hi: int) -> EmuMemslot | None:
-        """kvm_check_memslot_overlap(): a slot other than ``sid`` intersecting [lo, hi)."""
-        if as_id != 0:
-            return None            # only address space 0 exists (nr_address_spaces == 1)
-        # Slots are disjoint and sorted, so their ends are sorted too: walk down from the last
-        # slot starting below hi while slots still end above lo.
-        i = bisect.bisect_left(self._starts0, hi) - 1
-        while i >= 0 and self._slots0[i].gpa + self._slots0[i].size > lo:
-            if self._slots0[i].slot != sid:
-                return self._slots0[i]
-            i -= 1
-        return None
-
     def set_memory_region(self, r: RegionArgs, v2: bool) -> None:
         with self.lock:
             set_memory_region(self, r, v2)
@@ -183,9 +141,10 @@ class EmuVm:
         for key, s in list(gmem.bindings.items()):
             new = EmuMemslot(s.slot, s.as_id, s.flags, s.gpa, s.size, s.userspace_addr,
                              None, s.gmem_offset)
-            if self.memslots.get(key) is s:
-                self.remove_memslot(s)
-                self.add_memslot(new)
+            old = self.memslots.get(key)
+            if old is s:
+                self.memslots.remove(old)
+                self.memslots.add(new)
             self.invalidate(s.gpa, s.end)
         gmem.bindings.clear()
 

@@ -28,7 +28,6 @@ each run) because unicorn's page walker reads physical memory without hooks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import threading
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ....uapi import PAGE_SHIFT, PAGE_SIZE, MemFlag, MemoryExitFlag
-from .._libc import libc_mmap, libc_munmap
+from ...libc import MS_ASYNC, libc_mmap, libc_msync, libc_munmap
 from .runmap import RunMap
 
 if TYPE_CHECKING:
@@ -347,17 +346,13 @@ class SlotMap:
         self.fds.clear()
 
 
-_libc_msync = ctypes.CDLL(None, use_errno=True).msync
-_libc_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc_msync.restype = ctypes.c_int
-MS_ASYNC = 1
-
-
 def _msync(addr: int, size: int) -> int:
     """0, or the errno of msync(MS_ASYNC) over [addr, addr+size) (ENOMEM: a hole)."""
-    if _libc_msync(addr, size, MS_ASYNC) == 0:
-        return 0
-    return ctypes.get_errno()
+    try:
+        libc_msync(addr, size, MS_ASYNC)
+    except OSError as e:
+        return e.errno or 0
+    return 0
 
 
 class PhysMap:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ....uapi import PAGE_SHIFT, Ioctl, kvm_regs, kvm_run, kvm_segment, kvm_sregs
-from .._libc import libc_mmap
+from ...libc import libc_mmap
 from ..attributes import AttributeMap
 from ..memslots import EmuMemslot
 
