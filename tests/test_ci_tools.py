@@ -342,3 +342,130 @@ def test_shared_kernel_config_satisfies_the_fragment() -> None:
               "CONFIG_TMPFS=y", "CONFIG_SERIAL_8250_CONSOLE=y", "CONFIG_BLK_DEV_INITRD=y"]
     for sym in needed:
         assert f"\n{sym}\n" in have, sym
+
+
+# -- kernel-mutants: the campaign's bookkeeping, with a fake make and a fake vm-run -------------
+
+kernel_mutants = load_script("kernel-mutants")
+
+FAKE_MAKE = r'''import sys, pathlib
+args = sys.argv[1:]
+src = pathlib.Path(args[args.index("-C") + 1])
+obj = pathlib.Path(next(a[2:] for a in args if a.startswith("O=")))
+if "bzImage" in args:
+    text = (src / "kvm.c").read_text()
+    if "broken" in text:
+        print("kvm.c:1: error: broken"); sys.exit(2)
+    img = obj / "arch/x86/boot/bzImage"
+    if img.exists() and img.read_text() == text:
+        sys.exit(0)  # up to date, like make
+    img.parent.mkdir(parents=True, exist_ok=True)
+    img.write_text(text)
+    with open(obj / "builds", "a") as f:
+        f.write(text)
+'''
+
+FAKE_VM_RUN = r'''import json, os, pathlib, signal, sys
+args = sys.argv[1:]
+kernel = pathlib.Path(args[args.index("--kernel") + 1]).read_text().strip()
+res = pathlib.Path(args[args.index("--results") + 1]); res.mkdir(parents=True, exist_ok=True)
+assert "-x" in args and "not default" in args, args
+die = pathlib.Path(os.environ["FAKE_DIE_ONCE"])
+if kernel == "die" and die.exists():
+    die.unlink(); os.kill(os.getppid(), signal.SIGKILL); sys.exit(9)
+case = {"fail": '<failure message="boom"/>', "cap": '<skipped message="KVM_CAP_X=0 here"/>'}
+inner = case.get(kernel, "")
+(res / "junit.xml").write_text(
+    '<testsuites><testsuite><testcase classname="selftests.test_a" name="t[sw_protected-kvm]">'
+    + inner + "</testcase></testsuite></testsuites>")
+rc = {"fail": 1, "hang": 124, "panic": 3, "noboot": 3}.get(kernel, 0)
+rel = "" if kernel == "noboot" else "6.12.117"
+json.dump({"status": f"fake {kernel}", "guest_release": rel}, open(res / "vm-run.json", "w"))
+sys.exit(rc)
+'''
+
+
+def _mutant_campaign(tmp_path: Path) -> tuple[list[str], Path]:
+    src = tmp_path / "linux"
+    src.mkdir()
+    (src / "Makefile").write_text("# fake\n")
+    (src / "kvm.c").write_text("base\n")
+    pdir = tmp_path / "mutants"
+    pdir.mkdir()
+    for name, new in [("001-fails", "fail"), ("002-passes", "pass"), ("003-broken", "broken"),
+                      ("004-cap-lost", "cap"), ("005-hangs", "hang"), ("006-panics", "panic"),
+                      ("007-no-boot", "noboot"), ("008-dies", "die")]:
+        (pdir / f"{name}.patch").write_text(
+            f"{name}: one line\n\n--- a/kvm.c\n+++ b/kvm.c\n@@ -1 +1 @@\n-base\n+{new}\n")
+    (pdir / "009-stale.patch").write_text(
+        "does not apply\n\n--- a/kvm.c\n+++ b/kvm.c\n@@ -1 +1 @@\n-other\n+x\n")
+    (tmp_path / "make.py").write_text(FAKE_MAKE)
+    (tmp_path / "vm.py").write_text(FAKE_VM_RUN)
+    emu = junit(tmp_path / "emu.xml", {"t[sw_protected-emu]": "pass"})
+    cfg = tmp_path / "config"
+    cfg.write_text("CONFIG_KVM=y\n")
+    argv = [sys.executable, str(CI / "kernel-mutants"), "--source", str(src), "--patches",
+            str(pdir), "--obj", str(tmp_path / "obj"), "--config", str(cfg), "--results",
+            str(tmp_path / "res"), "--make", f"{sys.executable} {tmp_path / 'make.py'}",
+            "--vm-run", f"{sys.executable} {tmp_path / 'vm.py'}", "--emu-junit", str(emu),
+            "--timeout", "60"]
+    return argv, src
+
+
+def test_kernel_mutants_verdicts_resume_and_revert(tmp_path: Path) -> None:
+    if not shutil.which("patch"):
+        pytest.skip("patch(1) not installed")
+    argv, src = _mutant_campaign(tmp_path)
+    env = {**__import__("os").environ, "FAKE_DIE_ONCE": str(tmp_path / "die-once")}
+    (tmp_path / "die-once").touch()
+    # First run: killed (SIGKILL from the fake vm-run) while 008 is applied.
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == -9, r.stdout + r.stderr
+    assert (src / "kvm.c").read_text() == "die\n"
+    assert (tmp_path / "res/applied.txt").read_text().strip() == "008-dies.patch"
+    done = kernel_mutants.load_results(tmp_path / "res/results.json")
+    assert sorted(done) == [f"00{i}-{n}" for i, n in enumerate(
+        ["fails", "passes", "broken", "cap-lost", "hangs", "panics", "no-boot"], 1)]
+    # Second run: reverts 008, skips the seven scored, scores 008 and 009.
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reverting 008-dies.patch" in r.stdout
+    assert r.stdout.count("already scored") == 7
+    assert (src / "kvm.c").read_text() == "base\n"
+    assert not (tmp_path / "res/applied.txt").exists()
+    res = kernel_mutants.load_results(tmp_path / "res/results.json")
+    verdicts = {k: v["verdict"] for k, v in res.items()}
+    assert verdicts == {"001-fails": "killed", "002-passes": "survived",
+                        "003-broken": "build-failed", "004-cap-lost": "killed-by-compare",
+                        "005-hangs": "killed-by-timeout", "006-panics": "killed-by-crash",
+                        "007-no-boot": "boot-failed", "008-dies": "survived",
+                        "009-stale": "apply-failed"}
+    assert res["001-fails"]["killed_by"] == ["selftests/test_a.py::t[sw_protected-kvm]"]
+    assert res["004-cap-lost"]["killed_by"] == [
+        "CAPABILITY MISMATCH selftests.test_a::t[sw_protected]"]
+    assert res["001-fails"]["description"] == "001-fails: one line"
+    # the baseline was built, then each mutant that applied; after the interruption the
+    # reverted tree is built again before 008 is scored again
+    assert (tmp_path / "obj/builds").read_text().split() == [
+        "base", "fail", "pass", "cap", "hang", "panic", "noboot", "die", "base", "die"]
+    # 4 kills of 6 that built and booted (boot-, build- and apply-failed do not count)
+    assert "score: 4 of 6 built-and-booted mutants killed (67%)" in r.stdout
+    assert "| 001-fails | killed | selftests/test_a.py::t[sw_protected-kvm] |" in r.stdout
+    t = subprocess.run([*argv[:2], "--results", str(tmp_path / "res"), "--table"],
+                       capture_output=True, text=True, timeout=60)
+    assert t.returncode == 0 and t.stdout == (tmp_path / "res/table.md").read_text()
+    # --rescore forgets one verdict and scores only that mutant again
+    r = subprocess.run([*argv, "--rescore", "002-passes"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0 and "[1/1] 002-passes" in r.stdout, r.stdout
+    assert len(kernel_mutants.load_results(tmp_path / "res/results.json")) == 9
+
+
+def test_kernel_mutants_score_and_failing_tests(tmp_path: Path) -> None:
+    res = {"a": {"verdict": "killed"}, "b": {"verdict": "survived"},
+           "c": {"verdict": "build-failed"}, "d": {"verdict": "killed-by-timeout"}}
+    assert kernel_mutants.score(res) == (2, 3)
+    j = junit(tmp_path / "j.xml", {"x[kvm]": "fail", "y[kvm]": "pass", "z[kvm]": "error"})
+    assert kernel_mutants.failing_tests(j) == ["selftests/test_a.py::x[kvm]",
+                                               "selftests/test_a.py::z[kvm]"]
+    assert kernel_mutants.failing_tests(tmp_path / "missing.xml") == []
