@@ -378,6 +378,7 @@ inner = case.get(kernel, "")
 (res / "junit.xml").write_text(
     '<testsuites><testsuite><testcase classname="selftests.test_a" name="t[sw_protected-kvm]">'
     + inner + "</testcase></testsuite></testsuites>")
+(res / "console.log").write_text("[3/9] pass 2 fail 0 skip 0 5s  selftests/test_a.py::t[x]\n")
 rc = {"fail": 1, "hang": 124, "panic": 3, "noboot": 3}.get(kernel, 0)
 rel = "" if kernel == "noboot" else "6.12.117"
 json.dump({"status": f"fake {kernel}", "guest_release": rel}, open(res / "vm-run.json", "w"))
@@ -444,6 +445,7 @@ def test_kernel_mutants_verdicts_resume_and_revert(tmp_path: Path) -> None:
     assert res["004-cap-lost"]["killed_by"] == [
         "CAPABILITY MISMATCH selftests.test_a::t[sw_protected]"]
     assert res["001-fails"]["description"] == "001-fails: one line"
+    assert "last progress line: selftests/test_a.py::t[x]" in res["006-panics"]["note"]
     # the baseline was built, then each mutant that applied; after the interruption the
     # reverted tree is built again before 008 is scored again
     assert (tmp_path / "obj/builds").read_text().split() == [
