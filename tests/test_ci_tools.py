@@ -373,13 +373,15 @@ assert "-x" in args and "not default" in args, args
 die = pathlib.Path(os.environ["FAKE_DIE_ONCE"])
 if kernel == "die" and die.exists():
     die.unlink(); os.kill(os.getppid(), signal.SIGKILL); sys.exit(9)
-case = {"fail": '<failure message="boom"/>', "cap": '<skipped message="KVM_CAP_X=0 here"/>'}
+case = {"fail": '<failure message="boom"/>', "cap": '<skipped message="KVM_CAP_X=0 here"/>',
+        "slow": '<failure message="Failed: Timeout &gt;180.0s"/>'}
+assert args[args.index("--timeout", args.index("--") + 1) + 1] == "180", args
 inner = case.get(kernel, "")
 (res / "junit.xml").write_text(
     '<testsuites><testsuite><testcase classname="selftests.test_a" name="t[sw_protected-kvm]">'
     + inner + "</testcase></testsuite></testsuites>")
 (res / "console.log").write_text("[3/9] pass 2 fail 0 skip 0 5s  selftests/test_a.py::t[x]\n")
-rc = {"fail": 1, "hang": 124, "panic": 3, "noboot": 3}.get(kernel, 0)
+rc = {"fail": 1, "slow": 1, "hang": 124, "panic": 3, "noboot": 3}.get(kernel, 0)
 rel = "" if kernel == "noboot" else "6.12.117"
 json.dump({"status": f"fake {kernel}", "guest_release": rel}, open(res / "vm-run.json", "w"))
 sys.exit(rc)
@@ -395,7 +397,7 @@ def _mutant_campaign(tmp_path: Path) -> tuple[list[str], Path]:
     pdir.mkdir()
     for name, new in [("001-fails", "fail"), ("002-passes", "pass"), ("003-broken", "broken"),
                       ("004-cap-lost", "cap"), ("005-hangs", "hang"), ("006-panics", "panic"),
-                      ("007-no-boot", "noboot"), ("008-dies", "die")]:
+                      ("007-no-boot", "noboot"), ("008-dies", "die"), ("010-slow", "slow")]:
         (pdir / f"{name}.patch").write_text(
             f"{name}: one line\n\n--- a/kvm.c\n+++ b/kvm.c\n@@ -1 +1 @@\n-base\n+{new}\n")
     (pdir / "009-stale.patch").write_text(
@@ -409,7 +411,7 @@ def _mutant_campaign(tmp_path: Path) -> tuple[list[str], Path]:
             str(pdir), "--obj", str(tmp_path / "obj"), "--config", str(cfg), "--results",
             str(tmp_path / "res"), "--make", f"{sys.executable} {tmp_path / 'make.py'}",
             "--vm-run", f"{sys.executable} {tmp_path / 'vm.py'}", "--emu-junit", str(emu),
-            "--timeout", "60"]
+            "--timeout", "60", "--test-timeout", "180"]
     return argv, src
 
 
@@ -440,7 +442,7 @@ def test_kernel_mutants_verdicts_resume_and_revert(tmp_path: Path) -> None:
                         "003-broken": "build-failed", "004-cap-lost": "killed-by-compare",
                         "005-hangs": "killed-by-timeout", "006-panics": "killed-by-crash",
                         "007-no-boot": "boot-failed", "008-dies": "survived",
-                        "009-stale": "apply-failed"}
+                        "009-stale": "apply-failed", "010-slow": "killed-by-timeout"}
     assert res["001-fails"]["killed_by"] == ["selftests/test_a.py::t[sw_protected-kvm]"]
     assert res["004-cap-lost"]["killed_by"] == [
         "CAPABILITY MISMATCH selftests.test_a::t[sw_protected]"]
@@ -449,9 +451,9 @@ def test_kernel_mutants_verdicts_resume_and_revert(tmp_path: Path) -> None:
     # the baseline was built, then each mutant that applied; after the interruption the
     # reverted tree is built again before 008 is scored again
     assert (tmp_path / "obj/builds").read_text().split() == [
-        "base", "fail", "pass", "cap", "hang", "panic", "noboot", "die", "base", "die"]
-    # 4 kills of 6 that built and booted (boot-, build- and apply-failed do not count)
-    assert "score: 4 of 6 built-and-booted mutants killed (67%)" in r.stdout
+        "base", "fail", "pass", "cap", "hang", "panic", "noboot", "die", "base", "die", "slow"]
+    # 5 kills of 7 that built and booted (boot-, build- and apply-failed do not count)
+    assert "score: 5 of 7 built-and-booted mutants killed (71%)" in r.stdout
     assert "| 001-fails | killed | selftests/test_a.py::t[sw_protected-kvm] |" in r.stdout
     t = subprocess.run([*argv[:2], "--results", str(tmp_path / "res"), "--table"],
                        capture_output=True, text=True, timeout=60)
@@ -460,7 +462,7 @@ def test_kernel_mutants_verdicts_resume_and_revert(tmp_path: Path) -> None:
     r = subprocess.run([*argv, "--rescore", "002-passes"], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 0 and "[1/1] 002-passes" in r.stdout, r.stdout
-    assert len(kernel_mutants.load_results(tmp_path / "res/results.json")) == 9
+    assert len(kernel_mutants.load_results(tmp_path / "res/results.json")) == 10
 
 
 def test_kernel_mutants_score_and_failing_tests(tmp_path: Path) -> None:
