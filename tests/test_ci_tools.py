@@ -458,10 +458,11 @@ def test_kernel_mutants_verdicts_resume_and_revert(tmp_path: Path) -> None:
     t = subprocess.run([*argv[:2], "--results", str(tmp_path / "res"), "--table"],
                        capture_output=True, text=True, timeout=60)
     assert t.returncode == 0 and t.stdout == (tmp_path / "res/table.md").read_text()
-    # --rescore forgets one verdict and scores only that mutant again
-    r = subprocess.run([*argv, "--rescore", "002-passes"], capture_output=True, text=True,
-                       timeout=120, env=env)
-    assert r.returncode == 0 and "[1/1] 002-passes" in r.stdout, r.stdout
+    # --rescore forgets these verdicts and scores only those mutants again, in the order given
+    r = subprocess.run([*argv, "--rescore", "004-cap-lost", "002-passes"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.index("[1/2] 004-cap-lost") < r.stdout.index("[2/2] 002-passes"), r.stdout
     assert len(kernel_mutants.load_results(tmp_path / "res/results.json")) == 10
 
 
