@@ -374,7 +374,7 @@ die = pathlib.Path(os.environ["FAKE_DIE_ONCE"])
 if kernel == "die" and die.exists():
     die.unlink(); os.kill(os.getppid(), signal.SIGKILL); sys.exit(9)
 case = {"fail": '<failure message="boom"/>', "cap": '<skipped message="KVM_CAP_X=0 here"/>',
-        "slow": '<failure message="Failed: Timeout &gt;180.0s"/>'}
+        "slow": '<failure message="Failed: Timeout (&gt;180.0s) from pytest-timeout."/>'}
 assert args[args.index("--timeout", args.index("--") + 1) + 1] == "180", args
 inner = case.get(kernel, "")
 (res / "junit.xml").write_text(
