@@ -1,0 +1,64 @@
+"""Tests written to kill the kernel mutants of ci/mutants that the rest of the suite let survive
+(docs/beyond.md, "Seeded kernel mutants"). Each test names its mutant; each also holds on an
+unmutated kernel and on the emulated KVM.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import pytest
+
+from kvmpy.guest import GuestVm
+from kvmpy.system import Kvm
+from kvmpy.testing.private import (
+    MAP_GPA_DO_FALLOCATE,
+    MAP_GPA_SET_ATTRIBUTES,
+    OP_CHECK,
+    OP_MAP,
+    Op,
+    enable_map_gpa_range_exit,
+    require_private_mem,
+    run_conversion_vcpu,
+    write_script,
+)
+from kvmpy.uapi import VmType
+
+pytestmark = pytest.mark.guest
+
+CHURN = 64 << 20
+
+
+@pytest.fixture
+def g(kvm: Kvm) -> Iterator[GuestVm]:
+    require_private_mem(kvm)
+    with GuestVm(kvm, "private_mem_beyond", vm_type=VmType.SW_PROTECTED, timeout=60.0) as gvm:
+        yield gvm
+
+
+def _dirty_and_free_host_memory(size: int = CHURN) -> None:
+    """Fill ``size`` bytes of anonymous memory with 0xa5 and unmap it: the page allocator's next
+    pages (the ones a guest_memfd gets) then hold stale bytes rather than boot-time zeroes."""
+    m = mmap.mmap(-1, size)
+    chunk = b"\xa5" * (4 << 20)
+    for _ in range(size // len(chunk)):
+        m.write(chunk)
+    m.close()
+
+
+def test_fresh_private_pages_read_zero_after_host_churn(g: GuestVm) -> None:
+    """Kills 007-gmem-prepare-no-clear. Private guest_memfd pages the guest has never written
+    read as zeroes (kvm_gmem_prepare_folio clears each folio before its first mapping: no host
+    data leaks into the guest), also when the pages come straight from memory the host just
+    dirtied and freed."""
+    enable_map_gpa_range_exit(g.vm)
+    size = 2 << 20
+    gmem = g.vm.create_guest_memfd(size)
+    mem = g.add_memory(size, backing="shmem", gmem=gmem)
+    _dirty_and_free_host_memory()
+    ops = [Op(OP_MAP, 0, size, MAP_GPA_SET_ATTRIBUTES | MAP_GPA_DO_FALLOCATE),
+           Op(OP_CHECK, 0, size, 0)]
+    table, n = write_script(g, mem.gpa, ops)
+    st = run_conversion_vcpu(g, g.vcpu("guest_script", table, n))
+    assert (st.hypercalls, st.to_private) == (1, 1), st
