@@ -9,9 +9,6 @@ import mmap
 from collections.abc import Iterator
 
 import pytest
-
-from kvmpy.guest import GuestVm
-from kvmpy.system import Kvm
 from kvmpy.testing.private import (
     MAP_GPA_DO_FALLOCATE,
     MAP_GPA_SET_ATTRIBUTES,
@@ -23,6 +20,9 @@ from kvmpy.testing.private import (
     run_conversion_vcpu,
     write_script,
 )
+
+from kvmpy.guest import GuestVm
+from kvmpy.system import Kvm
 from kvmpy.uapi import VmType
 
 pytestmark = pytest.mark.guest
