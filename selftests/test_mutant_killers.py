@@ -9,20 +9,19 @@ import mmap
 from collections.abc import Iterator
 
 import pytest
-from kvmpy.testing.private import (
+
+# The scripted guest and the conversions host loop, from the experiments they belong to.
+from test_private_mem_beyond import OP_CHECK, OP_MAP, Op, write_script  # type: ignore[import-not-found]
+from test_private_mem_conversions import (  # type: ignore[import-not-found]
     MAP_GPA_DO_FALLOCATE,
     MAP_GPA_SET_ATTRIBUTES,
-    OP_CHECK,
-    OP_MAP,
-    Op,
-    enable_map_gpa_range_exit,
-    require_private_mem,
     run_conversion_vcpu,
-    write_script,
 )
 
 from kvmpy.guest import GuestVm
+from kvmpy.guest.hypercall import enable_map_gpa_range_exit
 from kvmpy.system import Kvm
+from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.uapi import VmType
 
 pytestmark = pytest.mark.guest
