@@ -38,7 +38,9 @@ from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.uapi import PAGE_SIZE, ExitReason, MemoryAttribute, VmType
 from kvmpy.vcpu import Exit, Vcpu
 
-pytestmark = pytest.mark.guest
+# Several vCPUs under TCG take tens of seconds on a busy host: the run's join budget (below)
+# bounds a hang, so the per-test timeout (60 s in the CI VM) must not cut them first.
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 
 # guests/include/private_mem.h: the test's own bits in KVM_HC_MAP_GPA_RANGE's a2 (KVM passes a2
 # through unread), and the SYNC stages.

@@ -19,7 +19,9 @@ from kvmpy.system import Kvm
 from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.vcpu import Vcpu
 
-pytestmark = pytest.mark.guest
+# Several vCPUs under TCG take tens of seconds on a busy host: the run's join budget (below)
+# bounds a hang, so the per-test timeout (60 s in the CI VM) must not cut them first.
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 
 VARIANTS = [
     # (vCPUs, memslots, backing)
