@@ -43,9 +43,10 @@ from kvmpy.backend.libc import (
     libc_mremap,
     libc_userfaultfd,
 )
+from kvmpy.errors import Errno
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname
+from kvmpy.testing.errnos import errname, errno_of, expect_errno
 from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.testing.sigbus import touch
@@ -67,14 +68,6 @@ def only(*sets: int) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("gmem_flags", list(sets), ids=[FLAG_IDS[f] for f in sets])
 
 
-def _errno_of(fn: object, *args: int) -> int:
-    try:
-        fn(*args)  # type: ignore[operator]
-        return 0
-    except OSError as e:
-        return e.errno or 0
-
-
 # --- ftruncate, fstatfs ------------------------------------------------------------------------
 
 TRUNCATE = [("shrink", TOTAL - P), ("grow", 2 * TOTAL), ("to_zero", 0), ("same_size", TOTAL),
@@ -86,9 +79,8 @@ def test_ftruncate_refused(gmem_vm: Vm, gmem_flags_offered: int, length: int) ->
     """ftruncate(guest_memfd, n) is EINVAL for any n and st_size stays (kvm_gmem_setattr())."""
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     g.fallocate(0, P)
-    err = _errno_of(os.ftruncate, g.fd, length)
-    assert err == errno.EINVAL, (f"ftruncate(guest_memfd of {TOTAL:#x} bytes, {length:#x}) -> "
-                                 f"{errname(err)}, expected EINVAL (kvm_gmem_setattr())")
+    expect_errno(errno_of("ftruncate", os.ftruncate, g.fd, length), errno.EINVAL,
+                 f"guest_memfd of {TOTAL:#x} bytes: kvm_gmem_setattr()")
     size = g.fstat().st_size
     assert size == TOTAL, f"st_size {size:#x} after a refused ftruncate, expected {TOTAL:#x}"
 
@@ -124,13 +116,11 @@ def test_mmap_exec_refused(request: pytest.FixtureRequest, kvm: Kvm, gmem_vm: Vm
             "MNT_NOEXEC: virt/kvm/guest_memfd.c kvm_gmem_init_mount())")
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     for prot in (PROT_READ | PROT_EXEC, PROT_READ | PROT_WRITE | PROT_EXEC, PROT_EXEC):
-        err = g.try_mmap(TOTAL, prot=prot)
-        assert err == errno.EPERM, f"{err.call}({err.detail}) -> {errname(err)}, expected EPERM"
-    assert g.try_mmap(TOTAL, prot=PROT_READ) == 0, "a PROT_READ mapping must still work"
+        expect_errno(g.try_mmap(TOTAL, prot=prot), errno.EPERM)
+    expect_errno(g.try_mmap(TOTAL, prot=PROT_READ), 0, "a PROT_READ mapping must still work")
     m = g.mmap(TOTAL)
-    err = _errno_of(libc_mprotect, m.addr, TOTAL, PROT_READ | PROT_EXEC)
-    assert err == errno.EACCES, f"mprotect(guest_memfd mapping, PROT_EXEC) -> {errname(err)}, " \
-                                "expected EACCES (no VM_MAYEXEC on a noexec mount)"
+    expect_errno(errno_of("mprotect", libc_mprotect, m.addr, TOTAL, PROT_READ | PROT_EXEC),
+                 errno.EACCES, "no VM_MAYEXEC on a noexec mount")
 
 
 # --- reclaim advice ------------------------------------------------------------------------------
@@ -210,14 +200,12 @@ UFFD_MODES = [("missing", UFFDIO_REGISTER_MODE_MISSING, _UFFDIO_COPY),
               ("minor", UFFDIO_REGISTER_MODE_MINOR, _UFFDIO_CONTINUE)]
 
 
-def _uffd_register(uffd: int, addr: int, length: int, mode: int) -> tuple[int, int]:
+def _uffd_register(uffd: int, addr: int, length: int, mode: int) -> tuple[Errno, int]:
     """UFFDIO_REGISTER; returns (errno, the ioctls mask the kernel answered)."""
     reg = (ctypes.c_uint64 * 4)(addr, length, mode, 0)
-    try:
-        libc_ioctl(uffd, UFFDIO_REGISTER, ctypes.addressof(reg))
-    except OSError as e:
-        return e.errno or 0, 0
-    return 0, int(reg[3])
+    err = errno_of("UFFDIO_REGISTER", libc_ioctl, uffd, UFFDIO_REGISTER, ctypes.addressof(reg),
+                   detail=f"uffd {uffd}, start={addr:#x}, len={length:#x}, mode={mode}")
+    return err, 0 if err else int(reg[3])
 
 
 @only(MMAP | INIT_SHARED)
@@ -250,7 +238,6 @@ def test_userfaultfd_register(kvm: Kvm, gmem_vm: Vm,
                     f"UFFDIO_REGISTER of a guest_memfd mapping succeeded but offers ioctls "
                     f"{ioctls:#x} without bit {resolve}")
             else:
-                assert err == errno.EINVAL, (f"UFFDIO_REGISTER(guest_memfd mapping, mode {mode}) "
-                                             f"-> {errname(err)}, expected EINVAL")
+                expect_errno(err, errno.EINVAL, "a guest_memfd mapping")
     finally:
         os.close(uffd)

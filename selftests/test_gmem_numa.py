@@ -26,9 +26,10 @@ import pytest
 
 from conftest import require_gmem_flags
 from kvmpy.backend.libc import MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT, libc_mbind, libc_move_pages
+from kvmpy.errors import Errno
 from kvmpy.guest import GuestVm
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd
+from kvmpy.testing.errnos import errname, errno_of, expect_errno, memslot_accepts_guest_memfd
 from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, Cap, GuestMemfdFlag
@@ -49,12 +50,10 @@ def _require_two_nodes() -> None:
                     "guest_memfd placement needs nodes 0 and 1")
 
 
-def _mbind(addr: int, length: int, nodemask: int, flags: int = 0) -> int:
-    try:
-        libc_mbind(addr, length, MPOL_BIND, nodemask, flags=flags)
-        return 0
-    except OSError as e:
-        return e.errno or 0
+def _mbind(addr: int, length: int, nodemask: int, flags: int = 0) -> Errno:
+    return errno_of("mbind", lambda: libc_mbind(addr, length, MPOL_BIND, nodemask, flags=flags),
+                    detail=f"{addr:#x}, {length:#x}, MPOL_BIND, nodemask {nodemask:#b}, "
+                    f"flags {flags:#x}")
 
 
 def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm, vm_type: int,
@@ -73,8 +72,8 @@ def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm,
         r = g.add_memory(NPAGES * P, gpa=GPA, gmem=True, gmem_flags=MMAP_SHARED, shared="gmem")
         assert r.gmem is not None and r.gmem_map is not None
         m = r.gmem_map
-        assert _mbind(m.addr, 4 * P, 0b10) == 0, "mbind(pages 0-3, MPOL_BIND, node 1)"
-        assert _mbind(m.addr + 4 * P, 4 * P, 0b01) == 0, "mbind(pages 4-7, MPOL_BIND, node 0)"
+        expect_errno(_mbind(m.addr, 4 * P, 0b10), 0, "pages 0-3 to node 1")
+        expect_errno(_mbind(m.addr + 4 * P, 4 * P, 0b01), 0, "pages 4-7 to node 0")
 
         by: dict[int, str] = {}
         for page in (0, 4):
@@ -106,8 +105,6 @@ def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm,
         after = libc_move_pages(low)
         print(f"mbind(MPOL_MF_MOVE|STRICT to node 0) -> {errname(err)}; move_pages to node 0 "
               f"status {moved}; nodes after {after}")
-        assert err in (errno.EIO, errno.EINVAL), \
-            f"mbind(MPOL_MF_MOVE|MPOL_MF_STRICT) of guest_memfd pages -> {errname(err)}, " \
-            "expected a refusal (kvm_gmem_migrate_folio())"
+        expect_errno(err, (errno.EIO, errno.EINVAL), "a refusal: kvm_gmem_migrate_folio()")
         assert after == [1] * len(low), \
             f"guest_memfd pages moved to nodes {after}: migration must be refused"

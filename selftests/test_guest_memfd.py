@@ -38,9 +38,16 @@ from kvmpy.backend.libc import (
     libc_mbind,
     libc_move_pages,
 )
+from kvmpy.errors import Errno
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd, valid_gmem_flags
+from kvmpy.testing.errnos import (
+    errno_of,
+    expect_errno,
+    expect_errnos,
+    memslot_accepts_guest_memfd,
+    valid_gmem_flags,
+)
 from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import (
     FALLOC_FL_KEEP_SIZE,
@@ -79,15 +86,9 @@ def test_create_flag_bits_follow_capability(gmem_vm: Vm) -> None:
     otherwise EINVAL (newest guest_memfd_test::test_guest_memfd_flags; 6.12 expected every bit
     to fail because the capability did not exist, kvm_gmem_create())."""
     valid = valid_gmem_flags(gmem_vm)
-    wrong = []
-    for bit in range(64):
-        flag = 1 << bit
-        err = gmem_vm.try_create_guest_memfd(P, flag)
-        want = 0 if flag & valid else errno.EINVAL
-        if err != want:
-            wrong.append(f"flags={flag:#x}: got {errname(err)}, expected {errname(want)}")
-    assert not wrong, (f"KVM_CREATE_GUEST_MEMFD(size={P:#x}) with KVM_CAP_GUEST_MEMFD_FLAGS="
-                       f"{valid:#x}: " + "; ".join(wrong))
+    expect_errnos(((gmem_vm.try_create_guest_memfd(P, f), 0 if f & valid else errno.EINVAL)
+                   for f in (1 << b for b in range(64))), f"KVM_CAP_GUEST_MEMFD_FLAGS={valid:#x}",
+                  limit=64)
 
 
 def test_create_flag_combinations(gmem_vm: Vm) -> None:
@@ -100,24 +101,16 @@ def test_create_flag_combinations(gmem_vm: Vm) -> None:
         combos |= {c | f for c in combos}
     unknown = 1 << 63
     for flags in sorted(combos):
-        err = gmem_vm.try_create_guest_memfd(P, flags)
-        assert err == 0, f"KVM_CREATE_GUEST_MEMFD(size={P:#x}, flags={flags:#x}) -> {errname(err)}"
-        err = gmem_vm.try_create_guest_memfd(P, flags | unknown)
-        assert err == errno.EINVAL, (f"KVM_CREATE_GUEST_MEMFD(size={P:#x}, flags="
-                                     f"{flags | unknown:#x}) -> {errname(err)}, expected EINVAL")
+        expect_errno(gmem_vm.try_create_guest_memfd(P, flags), 0)
+        expect_errno(gmem_vm.try_create_guest_memfd(P, flags | unknown), errno.EINVAL)
 
 
 def test_create_invalid_sizes(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     """Sizes 1..page-1 are EINVAL (guest_memfd_test::test_create_guest_memfd_invalid_sizes); so
     are 0 and sizes that are negative as loff_t (kvm_gmem_create(): size <= 0 or unaligned)."""
-    wrong = []
     sizes = [*range(1, P), 0, P + 1, 1 << 63, 2**64 - P]
-    for size in sizes:
-        err = gmem_vm.try_create_guest_memfd(size, gmem_flags_offered)
-        if err != errno.EINVAL:
-            wrong.append(f"size={size:#x}: {errname(err)}")
-    assert not wrong, (f"KVM_CREATE_GUEST_MEMFD(flags={gmem_flags_offered:#x}) expected EINVAL "
-                       f"for: " + "; ".join(wrong[:20]))
+    expect_errnos((gmem_vm.try_create_guest_memfd(size, gmem_flags_offered), errno.EINVAL)
+                  for size in sizes)
 
 
 def test_create_multiple(gmem_vm: Vm, gmem_flags_offered: int) -> None:
@@ -162,9 +155,7 @@ def test_read_write_refused(gmem_vm: Vm, gmem_flags_offered: int, name: str, cal
     the errnos are the VFS's for a file without those operations (fs/read_write.c)."""
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     g.fallocate(0, TOTAL)  # allocated memory is still not readable through the file
-    err = call(g)  # type: ignore[operator]
-    assert err == want, (f"{name}(guest_memfd flags={gmem_flags_offered:#x}) -> {errname(err)}, "
-                         f"expected {errname(want)} ({why})")
+    expect_errno(call(g), want, why)  # type: ignore[operator]
 
 
 # --- fallocate -------------------------------------------------------------------------------
@@ -208,10 +199,7 @@ def test_fallocate(gmem_vm: Vm, gmem_flags_offered: int, steps: list[tuple[int, 
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     for m, o, n in steps:
         g.fallocate(o, n, m)
-    err = g.try_fallocate(offset, length, mode)
-    assert err == want, (f"fallocate(guest_memfd size {TOTAL:#x} flags {gmem_flags_offered:#x}, "
-                         f"mode={mode:#x}, offset={offset:#x}, len={length:#x}) -> {errname(err)}, "
-                         f"expected {errname(want)}")
+    expect_errno(g.try_fallocate(offset, length, mode), want, f"guest_memfd size {TOTAL:#x}")
 
 
 INVALID_PUNCH = [(0, 1), (0, P - 1), (0, P + 1), (1, 1), (1, P - 1), (1, P), (1, P + 1),
@@ -225,9 +213,7 @@ def test_invalid_punch_hole(gmem_vm: Vm, gmem_flags_offered: int, offset: int,
     """PUNCH_HOLE with an offset or length that is not page aligned is EINVAL
     (guest_memfd_test::test_invalid_punch_hole; kvm_gmem_fallocate())."""
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
-    err = g.try_punch_hole(offset, length)
-    assert err == errno.EINVAL, (f"fallocate(KEEP_SIZE|PUNCH_HOLE, offset={offset:#x}, "
-                                 f"len={length:#x}) -> {errname(err)}, expected EINVAL")
+    expect_errno(g.try_punch_hole(offset, length), errno.EINVAL)
 
 
 # --- mmap ------------------------------------------------------------------------------------
@@ -239,11 +225,8 @@ def test_mmap_not_supported(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     kvm_gmem_mmap() returns -ENODEV unless the file was created with MMAP)."""
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     for length in (P, TOTAL):
-        for flags, name in ((MAP_SHARED, "MAP_SHARED"), (MAP_PRIVATE, "MAP_PRIVATE")):
-            err = g.try_mmap(length, flags=flags)
-            assert err == errno.ENODEV, (f"mmap(guest_memfd flags {gmem_flags_offered:#x}, "
-                                         f"len {length:#x}, {name}) -> {errname(err)}, "
-                                         "expected ENODEV")
+        for flags in (MAP_SHARED, MAP_PRIVATE):
+            expect_errno(g.try_mmap(length, flags=flags), errno.ENODEV)
 
 
 @only(MMAP | INIT_SHARED)
@@ -283,9 +266,7 @@ def test_mmap_private_refused(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     (guest_memfd_test::test_mmap_cow; kvm_gmem_mmap() requires VM_SHARED|VM_MAYSHARE)."""
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     for length in (P, TOTAL):
-        err = g.try_mmap(length, flags=MAP_PRIVATE)
-        assert err == errno.EINVAL, (f"mmap(guest_memfd flags {gmem_flags_offered:#x}, len "
-                                     f"{length:#x}, MAP_PRIVATE) -> {errname(err)}, expected EINVAL")
+        expect_errno(g.try_mmap(length, flags=MAP_PRIVATE), errno.EINVAL)
 
 
 @only(MMAP | INIT_SHARED)
@@ -345,13 +326,8 @@ def test_madv_collapse_refused(kvm: Kvm, gmem_vm: Vm, gmem_flags_offered: int) -
         for off in range(0, pmd, P):  # reads populate the page tables without dirtying
             ctypes.string_at(addr + off, 1)
         b.madvise(addr, pmd, MADV_HUGEPAGE)
-        try:
-            b.madvise(addr, pmd, MADV_COLLAPSE)
-            err = 0
-        except OSError as e:
-            err = e.errno or 0
-        assert err == errno.EINVAL, (f"madvise(guest_memfd mapping {addr:#x}, {pmd:#x}, "
-                                     f"MADV_COLLAPSE) -> {errname(err)}, expected EINVAL")
+        expect_errno(errno_of("madvise(MADV_COLLAPSE)", b.madvise, addr, pmd, MADV_COLLAPSE),
+                     errno.EINVAL)
         b.madvise(addr, pmd, MADV_DONTNEED)
         assert ctypes.string_at(addr, 1) == b"\0", "refault after MADV_DONTNEED"
     finally:
@@ -372,12 +348,8 @@ def _require_two_nodes() -> None:
                     "policy cases need nodes 0 and 1")
 
 
-def _mbind(addr: int, length: int, mode: int, nodemask: int) -> int:
-    try:
-        libc_mbind(addr, length, mode, nodemask)
-        return 0
-    except OSError as e:
-        return e.errno or 0
+def _mbind(addr: int, length: int, mode: int, nodemask: int) -> Errno:
+    return errno_of("mbind", libc_mbind, addr, length, mode, nodemask)
 
 
 @only(MMAP, MMAP | INIT_SHARED)
@@ -388,13 +360,11 @@ def test_mbind(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     m = g.mmap(TOTAL)
     for addr, mode in ((m.addr, MPOL_INTERLEAVE), (m.addr + 2 * P, MPOL_BIND)):
-        err = _mbind(addr, 2 * P, mode, 1)
-        assert err == 0, f"mbind({addr:#x}, mode {mode}, node 0) -> {errname(err)}"
+        expect_errno(_mbind(addr, 2 * P, mode, 1), 0)
         assert libc_get_mempolicy(addr) == (mode, 1), f"get_mempolicy({addr:#x}) after mbind {mode}"
-    assert _mbind(m.addr, TOTAL, MPOL_DEFAULT, 0) == 0
+    expect_errno(_mbind(m.addr, TOTAL, MPOL_DEFAULT, 0), 0)
     assert libc_get_mempolicy(m.addr) == (MPOL_DEFAULT, 0)
-    err = _mbind(m.addr, P, 999, 1)
-    assert err == errno.EINVAL, f"mbind(policy 999) -> {errname(err)}, expected EINVAL"
+    expect_errno(_mbind(m.addr, P, 999, 1), errno.EINVAL, "policy 999")
 
 
 @only(MMAP | INIT_SHARED)
@@ -406,11 +376,11 @@ def test_numa_allocation(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     m = g.mmap(TOTAL)
     pages = [m.addr + i * P for i in range(4)]
     m.fill(0, P, 0xAA)
-    assert _mbind(pages[0], P, MPOL_BIND, 1) == 0
+    expect_errno(_mbind(pages[0], P, MPOL_BIND, 1), 0)
     g.punch_hole(0, P)
     for first, second, want in ((2, 1, [1, 1, 0, 0]), (1, 2, [0, 0, 1, 1])):
-        assert _mbind(pages[0], 2 * P, MPOL_BIND, first) == 0
-        assert _mbind(pages[2], 2 * P, MPOL_BIND, second) == 0
+        expect_errno(_mbind(pages[0], 2 * P, MPOL_BIND, first), 0)
+        expect_errno(_mbind(pages[2], 2 * P, MPOL_BIND, second), 0)
         m.fill(0, TOTAL, 0xAA)
         got = libc_move_pages(pages)
         assert got == want, f"pages on nodes {got}, expected {want}"

@@ -27,7 +27,13 @@ import pytest
 
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd, supported_attributes
+from kvmpy.testing.errnos import (
+    errname,
+    expect_errno,
+    expect_errnos,
+    memslot_accepts_guest_memfd,
+    supported_attributes,
+)
 from kvmpy.testing.require import require_cap, skip_missing, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemFlag, MemoryAttribute, kvm_pre_fault_memory
 from kvmpy.vcpu import Vcpu
@@ -63,8 +69,7 @@ def _call(gpa: int, size: int, attrs: int = PRIVATE, flags: int = 0) -> str:
 
 def _set(vm: Vm, gpa: int, size: int, attrs: int = PRIVATE, flags: int = 0,
          want: int = 0) -> None:
-    err = vm.try_set_memory_attributes(gpa, size, attrs, flags)
-    assert err == want, f"{_call(gpa, size, attrs, flags)} -> {errname(err)}, expected {errname(want)}"
+    expect_errno(vm.try_set_memory_attributes(gpa, size, attrs, flags), want)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -114,28 +119,16 @@ def test_unknown_attribute_bits(attr_vm: Vm) -> None:
     """Every attribute bit outside KVM_CAP_MEMORY_ATTRIBUTES is EINVAL, alone or with PRIVATE;
     each supported bit is accepted (api.rst 4.141; kvm_supported_mem_attributes())."""
     supported = supported_attributes(attr_vm)
-    wrong = []
-    for bit in range(64):
-        attr = 1 << bit
-        for attrs in (attr, attr | PRIVATE):
-            err = attr_vm.try_set_memory_attributes(GPA, P, attrs)
-            want = 0 if not attrs & ~supported else errno.EINVAL
-            if err != want:
-                wrong.append(f"attributes={attrs:#x}: {errname(err)}, expected {errname(want)}")
-    assert not wrong, (f"KVM_SET_MEMORY_ATTRIBUTES(address={GPA:#x}, size={P:#x}) with "
-                       f"KVM_CAP_MEMORY_ATTRIBUTES={supported:#x}: " + "; ".join(wrong[:20]))
+    expect_errnos(((attr_vm.try_set_memory_attributes(GPA, P, a), errno.EINVAL if a & ~supported
+                    else 0) for bit in range(64) for a in (1 << bit, 1 << bit | PRIVATE)),
+                  f"KVM_CAP_MEMORY_ATTRIBUTES={supported:#x}")
 
 
 def test_nonzero_flags(attr_vm: Vm) -> None:
     """flags must be 0: each of bits 0..63 is EINVAL, for setting and clearing (api.rst 4.141:
     "The flags field is reserved for future extensions and must be '0'")."""
-    wrong = []
-    for bit in range(64):
-        for attrs in (PRIVATE, 0):
-            err = attr_vm.try_set_memory_attributes(GPA, P, attrs, 1 << bit)
-            if err != errno.EINVAL:
-                wrong.append(f"flags={1 << bit:#x} attributes={attrs:#x}: {errname(err)}")
-    assert not wrong, "KVM_SET_MEMORY_ATTRIBUTES expected EINVAL for: " + "; ".join(wrong[:20])
+    expect_errnos((attr_vm.try_set_memory_attributes(GPA, P, attrs, 1 << bit), errno.EINVAL)
+                  for bit in range(64) for attrs in (PRIVATE, 0))
 
 
 # --- ranges and memslots ------------------------------------------------------------------------

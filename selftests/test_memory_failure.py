@@ -41,7 +41,7 @@ from kvmpy.guest import GuestVm
 from kvmpy.guest.ucall import Ucall
 from kvmpy.system import Kvm
 from kvmpy.testing.child import run_in_child
-from kvmpy.testing.errnos import memslot_accepts_guest_memfd
+from kvmpy.testing.errnos import expect_errno, memslot_accepts_guest_memfd
 from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.testing.sigbus import touch
@@ -170,8 +170,7 @@ def _guest_case(kvm: Kvm) -> None:
         if g.vm.check_extension(Cap.PRE_FAULT_MEMORY):
             other = g.vcpu("guest_read_addr", GPA)
             pf = kvm_pre_fault_memory(gpa=bad_gpa, size=P)
-            err = other.try_pre_fault_memory(pf)
-            assert err == EHWPOISON, f"KVM_PRE_FAULT_MEMORY of the poisoned gfn -> {err}"
+            expect_errno(other.try_pre_fault_memory(pf), EHWPOISON, "the poisoned gfn")
         good = g.vcpu("guest_read_addr", GPA + 2 * P)
         uc = g.run(good)
         want = struct.unpack("<Q", _page(2)[:8])[0]

@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvmpy.errors import Errno
 from kvmpy.memory import SharedMemory, anonymous
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import (
     Behaviour,
     errname,
     expect_errno,
+    expect_errnos,
     expected_errnos,
     memslot_accepts_guest_memfd,
     valid_memslot_flags,
@@ -82,20 +84,17 @@ def test_invalid_flags(kvm: Kvm, vm: Vm, host_mem: SharedMemory, ioctl: str) -> 
         require_cap(vm, Cap.USER_MEMORY2)
     valid = valid_memslot_flags(vm, v2=v2)
     gmem = vm.create_guest_memfd(M2) if v2 and memslot_accepts_guest_memfd(vm) else None
-    wrong = []
-    for bit in range(32):
-        flag = 1 << bit
-        if v2:
-            err = vm.try_set_user_memory_region2(1, flag, GPA_A, M2, host_mem.addr, gmem, 0)
-        else:
-            err = vm.try_set_user_memory_region(1, flag, GPA_A, M2, host_mem.addr)
+
+    def add(flag: int) -> Errno:
+        err = (vm.try_set_user_memory_region2(1, flag, GPA_A, M2, host_mem.addr, gmem, 0) if v2
+               else vm.try_set_user_memory_region(1, flag, GPA_A, M2, host_mem.addr))
         if not err:
             vm.delete_memslot(1)
-        want = 0 if flag & valid else errno.EINVAL
-        if err != want:
-            wrong.append(f"flags={flag:#x}: {errname(err)}, expected {errname(want)}")
-    name = "KVM_SET_USER_MEMORY_REGION2" if v2 else "KVM_SET_USER_MEMORY_REGION"
-    assert not wrong, f"{name} (valid flags {valid:#x}): " + "; ".join(wrong)
+        return err
+
+    flags = [1 << b for b in range(32)]
+    expect_errnos(((add(f), 0 if f & valid else errno.EINVAL) for f in flags),
+                  f"valid flags {valid:#x}", limit=32)
 
 
 GMEM_FLAG_COMBOS = [
@@ -174,11 +173,8 @@ def test_offset_alignment(bind_vm: Vm, host_mem: SharedMemory) -> None:
     """guest_memfd_offset 1..4095 is EINVAL, offset 0 binds (set_memory_region_test::
     test_add_private_memory_region; __kvm_set_memory_region() requires a page-aligned offset)."""
     g = bind_vm.create_guest_memfd(2 * M2)
-    wrong = [f"offset {off:#x}: {errname(err)}" for off in range(1, P)
-             if (err := bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr,
-                                                            g, off)) != errno.EINVAL]
-    assert not wrong, ("KVM_SET_USER_MEMORY_REGION2(GUEST_MEMFD) expected EINVAL for unaligned "
-                       "offsets: " + "; ".join(wrong[:20]))
+    expect_errnos((bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr, g,
+                                                        off), errno.EINVAL) for off in range(1, P))
     expect_errno(bind_vm.try_set_user_memory_region2(10, GMEM, GPA_A, M2, host_mem.addr, g, 0), 0)
 
 

@@ -18,7 +18,7 @@ import pytest
 from test_pre_fault_memory import TEST_SIZE, Setup, _one
 
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname
+from kvmpy.testing.errnos import errname, expect_errno
 from kvmpy.uapi import kvm_pre_fault_memory
 
 M2 = 2 << 20
@@ -42,9 +42,8 @@ def _whole(s: Setup, offset: int, size: int) -> kvm_pre_fault_memory:
         errs.append(err)
         if err not in (errno.EINTR, errno.EAGAIN):  # retried, as api.rst 4.143 says
             break
-    assert err == 0 and r.size == 0, (
-        f"KVM_PRE_FAULT_MEMORY(gpa={s.gpa + offset:#x}, size={size:#x}): calls gave "
-        f"{[errname(e) for e in errs]}, {r.size:#x} bytes left; expected 0 with nothing left")
+    expect_errno(err, 0, f"calls gave {[errname(e) for e in errs]}")
+    assert r.size == 0, f"pre-fault of ({s.gpa + offset:#x}, {size:#x}): {r.size:#x} bytes left"
     assert r.gpa == s.gpa + offset + size, f"gpa ended at {r.gpa:#x}, not the range's end"
     return r
 

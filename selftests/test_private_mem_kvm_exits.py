@@ -20,6 +20,7 @@ import pytest
 
 from kvmpy.guest import GuestVm, UcallCmd
 from kvmpy.system import Kvm
+from kvmpy.testing.errnos import expect_errno
 from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.uapi import PAGE_SIZE, ExitReason, MemoryExitFlag, VmType
 from kvmpy.vcpu import Exit, Vcpu
@@ -94,6 +95,6 @@ def test_private_access_memslot_not_private(g: GuestVm) -> None:
     ex = g.run(vcpu)
     assert_private_fault(ex)
     # Raw KVM_RUN view of the same fault: -1 with errno EFAULT, the exit still described.
-    assert vcpu.try_run() == errno.EFAULT
+    expect_errno(vcpu.try_run(), errno.EFAULT)
     assert vcpu.run_struct.exit_reason == ExitReason.MEMORY_FAULT
     assert vcpu.run_struct.exit.memory_fault.gpa == EXITS_TEST_GPA

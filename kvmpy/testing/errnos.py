@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..errors import Errno
 from ..system import Kvm
@@ -134,14 +134,45 @@ def supported_attributes(vm: Vm) -> int:
 
 def expect_errno(result: int, want: int | Iterable[int], why: str = "") -> None:
     """Assert a ``try_*`` result; the message names the call and its arguments (an
-    :class:`~kvmpy.errors.Errno` carries them), what came back and what was expected."""
+    :class:`~kvmpy.errors.Errno` carries them), what came back and what was expected.
+    ``want`` is one errno (0: success) or several, any of which passes."""
+    wrong = _mismatch(result, want)
+    if wrong:
+        raise AssertionError(wrong + (f" ({why})" if why else ""))
+
+
+def expect_errnos(cases: Iterable[tuple[int, int | Iterable[int]]], why: str = "",
+                  limit: int = 20) -> None:
+    """:func:`expect_errno` over a table of ``(result, want)`` pairs: every case is checked and
+    one failure lists each mismatch (the first ``limit`` of them, and how many in all)."""
+    wrong = [w for result, want in cases if (w := _mismatch(result, want))]
+    if wrong:
+        more = f" (+{len(wrong) - limit} more)" if len(wrong) > limit else ""
+        raise AssertionError(f"{len(wrong)} case(s) wrong" + (f" ({why})" if why else "")
+                             + ": " + "; ".join(wrong[:limit]) + more)
+
+
+def _mismatch(result: int, want: int | Iterable[int]) -> str:
     wants = {want} if isinstance(want, int) else set(want)
     if result in wants:
-        return
+        return ""
     call = f"{result.call}({result.detail})" if isinstance(result, Errno) else "call"
     exp = " or ".join(sorted(errname(w) for w in wants))
-    raise AssertionError(f"{call} -> {errname(result)}, expected {exp}"
-                         + (f" ({why})" if why else ""))
+    return f"{call} -> {errname(result)}, expected {exp}"
+
+
+def errno_of(call: str, fn: Callable[..., object], *args: object, detail: str = "") -> Errno:
+    """``try_*`` for a call outside the object layer (libc or os: mbind, mprotect, ftruncate):
+    run ``fn(*args)`` and return its errno (0 on success) as an :class:`~kvmpy.errors.Errno`
+    naming ``call`` and its arguments (``detail``, else the arguments, ints in hex)."""
+    text = detail or ", ".join(hex(a) if isinstance(a, int) else repr(a) for a in args)
+    try:
+        fn(*args)
+    except OSError as e:
+        if e.errno is None:  # raised by a signal handler during the call, not the kernel
+            raise
+        return Errno(e.errno, call, text)
+    return Errno(0, call, text)
 
 
 def errname(err: int) -> str:
@@ -155,7 +186,9 @@ __all__ = [
     "Variant",
     "Versioned",
     "errname",
+    "errno_of",
     "expect_errno",
+    "expect_errnos",
     "expected_errnos",
     "gmem_flag_sets",
     "memslot_accepts_guest_memfd",
