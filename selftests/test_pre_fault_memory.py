@@ -7,7 +7,8 @@ complete, (2M, 8K) -> one page then ENOENT with 4K left, (2M+4K, 4K) -> ENOENT a
 guest reads every page and must reach UCALL_DONE. Variants as upstream: "shared" (per VM type
 offered) and "private" (guest_memfd slot, range set PRIVATE: VM types whose
 KVM_CAP_MEMORY_ATTRIBUTES has PRIVATE). Placements: 4 GiB and upstream's top of the GPA space.
-Beyond upstream: the per-call contract without the race, and the EINVAL table.
+Beyond upstream (the per-call contract without the race, the EINVAL table):
+selftests/test_pre_fault_beyond.py, which imports Setup and _one from here.
 
 Requires KVM_CAP_PRE_FAULT_MEMORY on the VM fd (x86: the TDP MMU). Behaviour sources:
 Documentation/virt/kvm/api.rst 4.143 "KVM_PRE_FAULT_MEMORY" (gpa/size updated in place; returns 0
@@ -23,14 +24,18 @@ import errno
 import struct
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from kvmpy.guest import GuestVm, MemRegion
 from kvmpy.guest.watchdog import WATCHDOG
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname, memslot_accepts_guest_memfd, supported_attributes
+from kvmpy.testing.errnos import (
+    errname,
+    expect_errno,
+    memslot_accepts_guest_memfd,
+    supported_attributes,
+)
 from kvmpy.testing.require import require_cap, skip_missing, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemoryAttribute, kvm_pre_fault_memory
 from kvmpy.vcpu import Vcpu
@@ -123,16 +128,6 @@ def variant(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def setup(kvm: Kvm, vm_type: int, variant: str, make_vm: object) -> Iterator[Setup]:
-    """``make_vm`` first: it skips VM types the backend does not offer."""
-    s = Setup(kvm, vm_type, variant, "at_4g")
-    try:
-        yield s
-    finally:
-        s.g.close()
-
-
 def _call(r: kvm_pre_fault_memory) -> str:
     return f"KVM_PRE_FAULT_MEMORY(gpa={r.gpa:#x}, size={r.size:#x}, flags={r.flags:#x})"
 
@@ -148,91 +143,6 @@ def _one(vcpu: Vcpu, r: kvm_pre_fault_memory) -> int:
     assert r.gpa - prev_gpa == prev_size - r.size, (
         f"{what}: gpa advanced by {r.gpa - prev_gpa:#x} but size shrank by {prev_size - r.size:#x}")
     return err
-
-
-# --- the per-call contract (no race) ------------------------------------------------------------
-
-ROWS = [
-    # (id, offset from the slot base, size, bytes expected left, final errno)
-    ("whole_2m", 0, M2, 0, 0),
-    ("whole_slot", 0, TEST_SIZE, 0, 0),
-    ("last_page_then_past_slot", M2, 2 * P, P, errno.ENOENT),
-    ("past_slot", TEST_SIZE, P, P, errno.ENOENT),
-    ("far_past_slot", TEST_SIZE + M2, 4 * P, 4 * P, errno.ENOENT),
-]
-
-
-@pytest.mark.parametrize("offset,size,left,final", [r[1:] for r in ROWS],
-                         ids=[r[0] for r in ROWS])
-def test_pre_fault_progress(setup: Setup, offset: int, size: int, left: int,
-                            final: int) -> None:
-    """Calls repeat (EINTR/EAGAIN retried) until the range is done or an error: a range inside
-    the slot completes with size 0; a range running past the slot maps what the slot covers,
-    returns 0 for that progress, and the next call fails ENOENT with the rest left; a range with
-    no slot fails ENOENT at once, untouched (api.rst 4.143; kvm_vcpu_pre_fault_memory() returns
-    success when at least one page was mapped)."""
-    r = kvm_pre_fault_memory(gpa=setup.gpa + offset, size=size)
-    errs = []
-    while True:
-        err = _one(setup.vcpu, r)
-        errs.append(err)
-        if err in (errno.EINTR, errno.EAGAIN):
-            continue
-        if err or r.size == 0:
-            break
-    assert err == final, (f"KVM_PRE_FAULT_MEMORY(gpa={setup.gpa + offset:#x}, size={size:#x}) "
-                          f"calls gave {[errname(e) for e in errs]}; expected to end with "
-                          f"{errname(final)}")
-    assert r.size == left, f"{_call(r)}: {r.size:#x} bytes left, expected {left:#x}"
-    assert r.gpa == setup.gpa + offset + size - left, f"{_call(r)}: gpa not advanced to the end"
-    if left and left < size:
-        assert 0 in errs, f"partial progress was not reported as success first: {errs}"
-    setup.guest_reads_every_page()
-
-
-INVALID = [
-    # (id, offset from the slot base, size)
-    ("size_zero", 0, 0),
-    ("gpa_unaligned", 1, P),
-    ("gpa_unaligned_half_page", P // 2, P),
-    ("size_unaligned", 0, P + 1),
-    ("size_unaligned_small", 0, 1),
-]
-
-
-@pytest.mark.parametrize("offset,size", [r[1:] for r in INVALID], ids=[r[0] for r in INVALID])
-def test_pre_fault_invalid_range(setup: Setup, offset: int, size: int) -> None:
-    """An unaligned gpa or size, or size 0, is EINVAL and leaves the range untouched
-    (kvm_vcpu_pre_fault_memory(): PAGE_ALIGNED checks and gpa + size <= gpa)."""
-    r = kvm_pre_fault_memory(gpa=setup.gpa + offset, size=size)
-    what = _call(r)
-    err = setup.vcpu.try_pre_fault_memory(r)
-    assert err == errno.EINVAL, f"{what} -> {errname(err)}, expected EINVAL"
-    assert (r.gpa, r.size) == (setup.gpa + offset, size), f"{what} changed the range on EINVAL"
-
-
-@pytest.mark.parametrize("gpa,size", [(U64 - P, 2 * P), (U64 - P, P), (2 * P, U64 - P)],
-                         ids=["wraps_past_u64", "wraps_to_zero", "huge_size_wraps"])
-def test_pre_fault_wrapping_range(setup: Setup, gpa: int, size: int) -> None:
-    """A range that wraps past 2^64 (or ends exactly at it) is EINVAL
-    (kvm_vcpu_pre_fault_memory(): gpa + size <= gpa)."""
-    r = kvm_pre_fault_memory(gpa=gpa, size=size)
-    what = _call(r)
-    err = setup.vcpu.try_pre_fault_memory(r)
-    assert err == errno.EINVAL, f"{what} -> {errname(err)}, expected EINVAL"
-
-
-def test_pre_fault_flags(setup: Setup) -> None:
-    """Every non-zero flags bit (0..63) is EINVAL, even for a valid range (api.rst 4.143: flags
-    must be 0; kvm_vcpu_pre_fault_memory())."""
-    wrong = []
-    for bit in range(64):
-        r = kvm_pre_fault_memory(gpa=setup.gpa, size=P, flags=1 << bit)
-        err = setup.vcpu.try_pre_fault_memory(r)
-        if err != errno.EINVAL or r.size != P:
-            wrong.append(f"flags={1 << bit:#x}: {errname(err)}, size left {r.size:#x}")
-    assert not wrong, (f"KVM_PRE_FAULT_MEMORY(gpa={setup.gpa:#x}, size={P:#x}) expected EINVAL: "
-                       + "; ".join(wrong[:20]))
 
 
 # --- upstream's flow: racing slot deletion, then the guest ---------------------------------------
@@ -296,10 +206,8 @@ def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> N
     assert r.size == expected_left, (f"racing pre-fault of (+{offset:#x}, {size:#x}): "
                                      f"{r.size:#x} bytes left, expected {expected_left:#x}; "
                                      f"calls gave {[errname(e) for e in errs]}")
-    want = 0 if not expected_left else errno.ENOENT
-    assert err == want, (f"racing pre-fault of (+{offset:#x}, {size:#x}) ended with "
-                         f"{errname(err)}, expected {errname(want)}; calls gave "
-                         f"{[errname(e) for e in errs]}")
+    expect_errno(err, errno.ENOENT if expected_left else 0,
+                 f"racing pre-fault of (+{offset:#x}, {size:#x}): calls gave {[errname(e) for e in errs]}")
 
 
 @pytest.mark.parametrize("placement", ["at_4g", "top_of_gpa_space"])
