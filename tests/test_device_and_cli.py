@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from kvmpy import Kvm, KvmUnavailable
 from kvmpy.backend.host import HostBackend
+from kvmpy.backend.select import kvm_available, kvm_summary
 from kvmpy.uapi import Cap
 
 PROBE_TEST = """
@@ -46,6 +48,15 @@ def test_missing_device_fails_when_required(pytester: pytest.Pytester,
     r = _run_pytest(pytester, monkeypatch, *args, env=env)
     r.assert_outcomes(errors=1)
     r.stdout.fnmatch_lines(["*real KVM unavailable*--require-kvm*"])
+
+
+def test_header_kvm_line(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest's header and `kvmpy run`'s share one KVM line (backend.select.kvm_summary)."""
+    r = _run_pytest(pytester, monkeypatch, env={"KVMPY_DEVICE": "/nonexistent/kvm"})
+    r.stdout.fnmatch_lines(["real KVM: unavailable: /nonexistent/kvm: No such file*"])
+    assert kvm_summary("/dev/null").startswith("unavailable: /dev/null")
+    if kvm_available()[0]:
+        assert re.fullmatch(r"/dev/kvm, module kvm\w*( \S+=\S+)*", kvm_summary()), kvm_summary()
 
 
 def test_kvm_unavailable_is_clear(tmp_path: os.PathLike[str]) -> None:

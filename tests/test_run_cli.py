@@ -210,7 +210,7 @@ def test_header_says_what_only_the_emulator_covers(monkeypatch: pytest.MonkeyPat
     rep = caps.CapReport("real KVM (fake)", "6.x", 12, {}, {}, types, 0)
     monkeypatch.setattr(caps, "probe", lambda backend: rep)
     monkeypatch.setattr(select, "make_backend", lambda *a: None)
-    monkeypatch.setattr(select, "kvm_available", lambda: (False, "fake"))
+    monkeypatch.setattr(select, "kvm_available", lambda *a: (False, "fake"))
     lines = run_mod.header_lines(["kvm"], "kvm")
     note = [ln for ln in lines if ln.startswith("note ")]
     assert bool(note) == noted, lines

@@ -148,20 +148,14 @@ def _option_value(argv: list[str], name: str) -> str | None:
 
 def header_lines(backends: list[str], choice: str, emu_profile: str | None = None) -> list[str]:
     """Kernel, KVM module and parameters, and per backend the VM types and guest_memfd flags."""
-    from ..backend.host import kvm_module, kvm_module_params
-    from ..backend.select import kvm_available, make_backend
+    from ..backend.select import kvm_summary, make_backend
     from ..caps import _flag_names, probe
     from ..errors import KvmError, KvmUnavailable
 
     u = platform.uname()
     lines = [f"kernel    Linux {u.release} {u.version} ({u.machine})",
-             f"backends  {', '.join(backends)} (--backend {choice})"]
-    ok, why = kvm_available()
-    if ok:
-        params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
-        lines.append(f"KVM       /dev/kvm, module {kvm_module()} {params}".rstrip())
-    else:
-        lines.append(f"KVM       unavailable: {why}")
+             f"backends  {', '.join(backends)} (--backend {choice})",
+             f"KVM       {kvm_summary()}"]
     for name in backends:
         try:
             rep = probe(make_backend(name, emu_profile) if name == "emu" else make_backend(name))

@@ -23,6 +23,18 @@ def kvm_available(device: str | None = None) -> tuple[bool, str]:
     return (False, why) if why else (True, "")
 
 
+def kvm_summary(device: str | None = None) -> str:
+    """The real KVM in one line for run headers: the device, the loaded module and the parameters
+    that matter for reports ('/dev/kvm, module kvm_amd kvm.tdp_mmu=Y'), or 'unavailable: why'."""
+    ok, why = kvm_available(device)
+    if not ok:
+        return f"unavailable: {why}"
+    from .host import kvm_module, kvm_module_params
+
+    params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
+    return f"{device or default_device()}, module {kvm_module()} {params}".rstrip()
+
+
 def make_backend(name: str, emu_profile: str | None = None) -> Backend:
     """``emu_profile`` (emulated backend only): upstream, 6.12 or host; default
     $KVMPY_EMU_PROFILE or upstream."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ..backend import Backend, default_device
+from ..backend import Backend
 from ..backend.select import (
     BACKEND_CHOICES,
     EMU_PROFILES,
@@ -24,6 +24,7 @@ from ..backend.select import (
     check_environment,
     env_bool,
     kvm_available,
+    kvm_summary,
     make_backend,
 )
 from ..errors import KvmUnavailable
@@ -77,20 +78,12 @@ def selected_backends(config: pytest.Config) -> list[str]:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from ..backend.host import kvm_module, kvm_module_params
-
     lines = [f"kvmpy backends: {', '.join(selected_backends(config))} "
              f"(--backend {config.getoption('--backend')}); kernel {platform.release()}"]
     if "emu" in selected_backends(config):
         lines.append(f"emulated KVM profile: {config.getoption('--emu-profile')} "
                      "(--emu-profile / KVMPY_EMU_PROFILE)")
-    ok, why = kvm_available()
-    if ok:
-        params = " ".join(f"{k}={v}" for k, v in kvm_module_params().items())
-        lines.append(f"real KVM: {default_device()} module {kvm_module()} {params}".rstrip())
-    else:
-        lines.append(f"real KVM: unavailable ({why})")
-    return lines
+    return [*lines, f"real KVM: {kvm_summary()}"]
 
 
 # trylast: parametrize the backend after every other parametrization (markers included), so
