@@ -116,7 +116,21 @@ def _tombstone(addr: int, length: int, owner: object) -> None:
     weakref.finalize(owner, libc_munmap, addr, length)
 
 
-class SharedMemory:
+class MappedMemory:
+    """Host memory reached through ``self.mapping``: ``addr`` and ``size`` are the mapping's."""
+
+    mapping: Mapping
+
+    @property
+    def addr(self) -> int:
+        return self.mapping.addr
+
+    @property
+    def size(self) -> int:
+        return self.mapping.length
+
+
+class SharedMemory(MappedMemory):
     """Host memory for a memslot's shared backing: a memfd mapped MAP_SHARED.
 
     File-backed (not anonymous) on purpose: the emulated KVM aliases the same pages into the
@@ -138,14 +152,6 @@ class SharedMemory:
             os.close(self.fd)
             raise KvmError(e.errno or 0, "mmap", f"shared memfd of {size:#x} bytes") from None
         self.mapping = Mapping(backend, addr, size, name)
-
-    @property
-    def addr(self) -> int:
-        return self.mapping.addr
-
-    @property
-    def size(self) -> int:
-        return self.mapping.length
 
     def close(self) -> None:
         self.mapping.close()

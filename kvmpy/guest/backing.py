@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..backend import MAP_ANONYMOUS, MAP_NORESERVE, MAP_PRIVATE, PROT_READ, PROT_WRITE, Backend
 from ..gmem import GuestMemfd
-from ..memory import Mapping, SharedMemory, anonymous
+from ..memory import MappedMemory, Mapping, SharedMemory, anonymous
 from .x86 import PAGE_2M
 
 BACKINGS = ("shmem", "anonymous", "thp", "hugetlb", "hugetlb_2m", "none")
@@ -83,21 +83,13 @@ def thp_available() -> tuple[bool, str]:
     return True, ""
 
 
-class Backing:
+class Backing(MappedMemory):
     """Host memory behind a memslot: ``addr``/``size`` and ``mapping`` for access."""
 
     def __init__(self, kind: str, mapping: Mapping, shared: SharedMemory | None = None) -> None:
         self.kind = kind
         self.mapping = mapping
         self._shared = shared
-
-    @property
-    def addr(self) -> int:
-        return self.mapping.addr
-
-    @property
-    def size(self) -> int:
-        return self.mapping.length
 
     def close(self) -> None:
         if self._shared is not None:
