@@ -6,12 +6,18 @@ unmutated kernel and on the emulated KVM.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
 
 import pytest
 
-# The scripted guest and the conversions host loop, from the experiments they belong to.
-from test_private_mem_beyond import OP_CHECK, OP_MAP, Op, write_script  # type: ignore[import-not-found]
+# The scripted guest and its fixture, and the conversions host loop, from the experiments they
+# belong to.
+from test_private_mem_beyond import (  # type: ignore[import-not-found]
+    OP_CHECK,
+    OP_MAP,
+    Op,
+    write_script,
+)
+from test_private_mem_beyond import g as beyond_guest  # type: ignore[import-not-found]
 from test_private_mem_conversions import (  # type: ignore[import-not-found]
     MAP_GPA_DO_FALLOCATE,
     MAP_GPA_SET_ATTRIBUTES,
@@ -20,20 +26,11 @@ from test_private_mem_conversions import (  # type: ignore[import-not-found]
 
 from kvmpy.guest import GuestVm
 from kvmpy.guest.hypercall import enable_map_gpa_range_exit
-from kvmpy.system import Kvm
-from kvmpy.testing.private_mem import require_private_mem
-from kvmpy.uapi import VmType
 
 pytestmark = pytest.mark.guest
 
 CHURN = 64 << 20
-
-
-@pytest.fixture
-def g(kvm: Kvm) -> Iterator[GuestVm]:
-    require_private_mem(kvm)
-    with GuestVm(kvm, "private_mem_beyond", vm_type=VmType.SW_PROTECTED, timeout=60.0) as gvm:
-        yield gvm
+g = beyond_guest  # fixture ``g``: a KVM_X86_SW_PROTECTED_VM GuestVm of guests/private_mem_beyond.c
 
 
 def _dirty_and_free_host_memory(size: int = CHURN) -> None:
