@@ -12,26 +12,16 @@ Setup; the guest then reads every page as upstream's epilogue.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import pytest
+from test_pre_fault_beyond import setup as variant_setup
 from test_pre_fault_memory import TEST_SIZE, Setup, _one
 
-from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, expect_errno
 from kvmpy.uapi import kvm_pre_fault_memory
 
 M2 = 2 << 20
-
-
-@pytest.fixture(params=["shared", "private"])
-def setup(request: pytest.FixtureRequest, kvm: Kvm, vm_type: int,
-          make_vm: object) -> Iterator[Setup]:
-    s = Setup(kvm, vm_type, str(request.param), "at_4g")
-    try:
-        yield s
-    finally:
-        s.g.close()
+setup = variant_setup  # fixture ``setup``: a Setup at 4 GiB per upstream variant
 
 
 def _whole(s: Setup, offset: int, size: int) -> kvm_pre_fault_memory:
