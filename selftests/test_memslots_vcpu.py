@@ -132,11 +132,6 @@ class Worker:
 def _quirk(vm: Vm, zap_all: bool) -> None:
     if zap_all:
         return
-    if not vm.backend.is_real:
-        # Quirk control is not modelled (KVM_CAP_DISABLE_QUIRKS2 answers 0 there); the emulated
-        # MMU invalidates exactly what a memslot change touches, as with the quirk disabled.
-        pytest.skip("KVM_X86_QUIRK_SLOT_ZAP_ALL control is not modelled by the emulated KVM "
-                    f"({vm.backend.describe()})")
     quirks = vm.check_extension(Cap.DISABLE_QUIRKS2)
     if not quirks & Quirk.SLOT_ZAP_ALL:
         pytest.skip(f"KVM_X86_QUIRK_SLOT_ZAP_ALL not in KVM_CAP_DISABLE_QUIRKS2={quirks:#x} on "

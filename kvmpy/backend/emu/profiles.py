@@ -34,12 +34,16 @@ MODELLED_CAPS: frozenset[int] = frozenset({
     Cap.NR_MEMSLOTS, Cap.SYNC_MMU, Cap.MAX_VCPUS, Cap.READONLY_MEM, Cap.CHECK_EXTENSION_VM,
     Cap.IMMEDIATE_EXIT, Cap.EXIT_HYPERCALL, Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO,
     Cap.MEMORY_ATTRIBUTES, Cap.GUEST_MEMFD, Cap.VM_TYPES, Cap.PRE_FAULT_MEMORY,
-    Cap.GUEST_MEMFD_FLAGS,
+    Cap.GUEST_MEMFD_FLAGS, Cap.DISABLE_QUIRKS2,
     # X86_SMM / MULTI_ADDRESS_SPACE: modelled as absent (one address space, no SMM).
     Cap.X86_SMM, Cap.MULTI_ADDRESS_SPACE,
 })
 
 KVM_HC_MAP_GPA_RANGE_BIT = 1 << 12
+# arch/x86/include/asm/kvm_host.h KVM_X86_VALID_QUIRKS (6.12.117 and 7.3.4: LINT0_REENABLED ..
+# VMCS12_ALLOW_FREEZE_IN_SMM, bits 0-10). x86.c kvm_x86_vendor_init() drops IGNORE_GUEST_PAT
+# only without TDP (and vmx.c on Intel without self-snoop); the AMD NPT hosts CI models keep it.
+KVM_X86_VALID_QUIRKS = 0x7FF
 KVM_USER_MEM_SLOTS = 32764          # x86: KVM_MEM_SLOTS_NUM (32767) - 3 private slots
 KVM_MAX_VCPUS = 1024
 KVM_MAX_VCPU_IDS = 4096
@@ -106,6 +110,9 @@ def _upstream() -> Profile:
         Cap.VM_TYPES: MODELLED_VM_TYPES,
         # x86 reports PRE_FAULT_MEMORY with the TDP MMU (tdp_enabled).
         Cap.PRE_FAULT_MEMORY: 1,
+        # x86.c kvm_vm_ioctl_check_extension(): kvm_caps.supported_quirks, the same on
+        # /dev/kvm and every VM type.
+        Cap.DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS,
     }
     both = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
     # kvm_supported_mem_attributes(): PRIVATE when kvm is NULL (/dev/kvm) or the VM has

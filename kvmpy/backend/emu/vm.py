@@ -34,6 +34,7 @@ ATTR_PRIVATE = int(MemoryAttribute.PRIVATE)
 CAP_EXIT_HYPERCALL = int(Cap.EXIT_HYPERCALL)
 CAP_PRE_FAULT_MEMORY = int(Cap.PRE_FAULT_MEMORY)
 CAP_MAX_VCPUS = int(Cap.MAX_VCPUS)
+CAP_DISABLE_QUIRKS2 = int(Cap.DISABLE_QUIRKS2)
 
 
 class VcpuLike(Protocol):
@@ -63,6 +64,11 @@ class EmuVm:
         self.type = vm_type
         self.profile = profile
         self.exit_hypercall_mask = 0
+        #: kvm->arch.disabled_quirks (KVM_CAP_DISABLE_QUIRKS2). Recorded only: the one with a
+        #: memory effect, SLOT_ZAP_ALL, decides whether deleting/moving a slot zaps all SPTEs
+        #: (kvm_mmu_zap_all_fast()) or the slot's (kvm_mmu_zap_memslot()); the emulator's
+        #: invalidation is exact either way, which differs from a zap-all only in cost.
+        self.disabled_quirks = 0
         self.vcpus: list[VcpuLike] = []
         self.vcpu_ids: set[int] = set()
         self.created_vcpus = 0
@@ -191,10 +197,19 @@ class EmuVm:
         return self.profile.cap(cap, self.type)
 
     def enable_cap(self, cap: int, flags: int, args: list[int]) -> None:
-        """kvm_vm_ioctl_enable_cap() on x86: only KVM_CAP_EXIT_HYPERCALL is modelled
-        (api.rst 7.37: args[0] is a mask of hypercalls that exit, within the cap's value)."""
+        """kvm_vm_ioctl_enable_cap() on x86: KVM_CAP_EXIT_HYPERCALL (api.rst 7.37: args[0]
+        is a mask of hypercalls that exit, within the cap's value) and KVM_CAP_DISABLE_QUIRKS2
+        (EINVAL for a bit outside kvm_caps.supported_quirks; bits accumulate)."""
         if flags:
             raise OSError(errno.EINVAL, "KVM_ENABLE_CAP flags must be 0")
+        if cap == CAP_DISABLE_QUIRKS2 and self.check_extension(CAP_DISABLE_QUIRKS2):
+            valid = self.check_extension(CAP_DISABLE_QUIRKS2)
+            if args[0] & ~valid:
+                raise OSError(errno.EINVAL, f"KVM_CAP_DISABLE_QUIRKS2 quirks {args[0]:#x} "
+                                            f"outside {valid:#x}")
+            with self.lock:
+                self.disabled_quirks |= args[0]
+            return
         if cap == CAP_EXIT_HYPERCALL and self.check_extension(CAP_EXIT_HYPERCALL):
             valid = self.check_extension(CAP_EXIT_HYPERCALL)
             if args[0] & ~valid:

@@ -1,0 +1,38 @@
+"""KVM_CAP_DISABLE_QUIRKS2 on the emulated KVM: the profile's quirk mask (x86.c
+kvm_vm_ioctl_check_extension(): kvm_caps.supported_quirks) and KVM_ENABLE_CAP's validation
+(x86.c kvm_vm_ioctl_enable_cap(): EINVAL for a bit outside the mask, bits accumulate)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from kvmpy.backend.emu import EmuBackend
+from kvmpy.errors import KvmError
+from kvmpy.system import Kvm
+from kvmpy.uapi import Cap, Quirk, VmType
+
+VALID = 0x7FF   # KVM_X86_VALID_QUIRKS, bits 0-10, on 6.12.117 and 7.3.4 (AMD, NPT)
+
+
+@pytest.mark.parametrize("profile", ["upstream", "7.3", "6.12"])
+def test_quirk_mask_per_profile(profile: str) -> None:
+    kvm = Kvm(EmuBackend(profile=profile))
+    assert kvm.check_extension(Cap.DISABLE_QUIRKS2) == VALID
+    for t in (VmType.DEFAULT, VmType.SW_PROTECTED):
+        with kvm.create_vm(t) as vm:
+            assert vm.check_extension(Cap.DISABLE_QUIRKS2) == VALID
+
+
+def test_enable_cap_validates_and_accumulates() -> None:
+    kvm = Kvm(EmuBackend(profile="7.3"))
+    with kvm.create_vm(VmType.DEFAULT) as vm:
+        for bad in (1 << 11, 1 << 63, VALID | 1 << 20):
+            with pytest.raises(KvmError) as e:
+                vm.enable_cap(Cap.DISABLE_QUIRKS2, bad)
+            assert e.value.errno == errno.EINVAL, bad
+        vm.enable_cap(Cap.DISABLE_QUIRKS2, int(Quirk.SLOT_ZAP_ALL))
+        vm.enable_cap(Cap.DISABLE_QUIRKS2, int(Quirk.FIX_HYPERCALL_INSN))
+        emu_vm = kvm.backend.object_of(vm.fd)  # type: ignore[attr-defined]
+        assert emu_vm.disabled_quirks == int(Quirk.SLOT_ZAP_ALL | Quirk.FIX_HYPERCALL_INSN)
