@@ -25,7 +25,7 @@ from kvmpy.guest import GuestVm, MemRegion, UcallCmd
 from kvmpy.guest.threads import VcpuThread
 from kvmpy.guest.ucall import Ucall, UnexpectedExit
 from kvmpy.system import Kvm
-from kvmpy.testing.private_mem import emu_gap, guest_accesses_emulated
+from kvmpy.testing.private_mem import guest_accesses_emulated
 from kvmpy.testing.require import where
 from kvmpy.uapi import Cap, ExitReason, Quirk
 from kvmpy.vcpu import Exit, Vcpu
@@ -45,15 +45,12 @@ SYNC_TIMEOUT = 20.0  # upstream waits 2 s; the emulated KVM and nested TCG runs 
 
 # --- zero memory regions -----------------------------------------------------------------------
 
-def test_zero_memory_regions(request: pytest.FixtureRequest, kvm: Kvm, vm: Vm) -> None:
+def test_zero_memory_regions(vm: Vm) -> None:
     """KVM_RUN on a vCPU of a VM without any memslot: the reset vector cannot be fetched, so
     KVM_EXIT_INTERNAL_ERROR (test_zero_memory_regions; x86.c handle_emulation_failure()).
     As upstream, KVM_SET_NR_MMU_PAGES(64) first: with no memslots the default MMU page budget
     (kvm_mmu_calculate_default_mmu_pages()) is 0 and shadow paging's root allocation fails with
     ENOSPC (make_mmu_pages_available())."""
-    emu_gap(request, kvm, "KVM_RUN on a VM without memslots fails EINVAL instead of returning "
-            "KVM_EXIT_INTERNAL_ERROR (arch/x86/kvm/x86.c handle_emulation_failure(): the reset "
-            "vector fetch has no memslot)")
     vm.set_nr_mmu_pages(64)
     vcpu = vm.create_vcpu(0)
     ex = vcpu.run()
@@ -64,7 +61,7 @@ def test_zero_memory_regions(request: pytest.FixtureRequest, kvm: Kvm, vm: Vm) -
 
 # --- MMIO during vectoring ---------------------------------------------------------------------
 
-def test_mmio_during_vectoring(request: pytest.FixtureRequest, kvm: Kvm) -> None:
+def test_mmio_during_vectoring(kvm: Kvm) -> None:
     """IDT base at a GPA without a memslot, then a #GP: delivering it reads the IDT from MMIO,
     which KVM cannot emulate, so KVM_EXIT_INTERNAL_ERROR with KVM_INTERNAL_ERROR_DELIVERY_EV
     and data[3] = IDT base + 13 * 16 (test_mmio_during_vectoring;
@@ -74,9 +71,6 @@ def test_mmio_during_vectoring(request: pytest.FixtureRequest, kvm: Kvm) -> None
     instruction: kvm_pvm, which delivers guest events in software rather than through
     VMX/SVM event injection, so check_emulate_instruction() never sees a vectoring exit) the
     failed delivery is a triple fault: KVM_EXIT_SHUTDOWN, pinned as observed."""
-    emu_gap(request, kvm, "KVM_INTERNAL_ERROR_DELIVERY_EV carries 2 data words (vector, gpa); "
-            "arch/x86/kvm/x86.c kvm_prepare_event_vectoring_exit() reports 5 (info2, exit "
-            "reason, info1, gpa, last_vmentry_cpu) with the IDT entry's gpa in data[3]")
     with GuestVm(kvm, "memslots_vcpu", timeout=30.0) as g:
         emulated, fact = guest_accesses_emulated(g, "guest_sync_once")
         g.map(MEM_REGION_GPA, MEM_REGION_GPA, 4096)

@@ -36,3 +36,25 @@ def test_enable_cap_validates_and_accumulates() -> None:
         vm.enable_cap(Cap.DISABLE_QUIRKS2, int(Quirk.FIX_HYPERCALL_INSN))
         emu_vm = kvm.backend.object_of(vm.fd)  # type: ignore[attr-defined]
         assert emu_vm.disabled_quirks == int(Quirk.SLOT_ZAP_ALL | Quirk.FIX_HYPERCALL_INSN)
+
+
+# --- KVM_EXIT_INTERNAL_ERROR layouts (x86.c prepare_emulation_failure_exit()) ------------------
+
+def test_reset_vector_without_memslot_is_emulation_failure() -> None:
+    """A fresh vCPU (real mode, CS.base 0xffff0000 + RIP 0xfff0) with nothing at 0xfffffff0:
+    INTERNAL_ERROR/EMULATION with flags 0 and the five exit-info words (ndata 6); with a
+    memslot at the reset vector real mode is refused (EINVAL), as before."""
+    from kvmpy.memory import anonymous
+    from kvmpy.uapi import ExitReason, InternalSuberror
+    kvm = Kvm(EmuBackend(profile="7.3"))
+    with kvm.create_vm(VmType.DEFAULT) as vm:
+        ex = vm.create_vcpu(0).run()
+        assert ex.reason == ExitReason.INTERNAL_ERROR
+        assert ex.internal is not None
+        assert ex.internal.suberror == InternalSuberror.EMULATION
+        assert tuple(ex.internal.data) == (0, 48, 0x184, 0, 0, 0)
+    with kvm.create_vm(VmType.DEFAULT) as vm, anonymous(kvm.backend, 0x1000) as mem:
+        vm.set_user_memory_region(0, 0, 0xFFFFF000, 0x1000, mem.addr)
+        with pytest.raises(KvmError) as e:
+            vm.create_vcpu(0).run()
+        assert e.value.errno == errno.EINVAL

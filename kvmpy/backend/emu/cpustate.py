@@ -163,6 +163,14 @@ class VcpuCpuState:
         if self._mode_problem is None:
             self._load_sregs(s)
 
+    def _unpaged_fetch_gpa(self) -> int | None:
+        """The physical address of the next instruction fetch while paging is off (real or
+        unpaged protected mode: linear = physical = CS.base + RIP, 32 bits); None with paging."""
+        s = self._sregs
+        if s.cr0 & CR0_PG:
+            return None
+        return (s.cs.base + self._get_regs().rip) & 0xFFFF_FFFF
+
     @staticmethod
     def _problem(s: kvm_sregs) -> str | None:
         if not (s.cr0 & CR0_PE and s.cr0 & CR0_PG):

@@ -22,6 +22,7 @@ from ...uapi import (
     KvmHcError,
     kvm_run,
 )
+from ..libc import libc
 from .cpustate import (
     CANONICAL_MSRS,
     CR0_CD,
@@ -58,6 +59,14 @@ from .x86.physmem import PhysFault
 IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 HYPERCALL_OPCODES = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")      # vmcall, vmmcall
 QUIRK_FIX_HYPERCALL_INSN = 1 << 5   # KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+# VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h) and the EPT-violation qualification
+# of a not-present instruction fetch: the emulated CPU is Intel, so KVM's exit data are VMX's.
+VMX_EXIT_EPT_VIOLATION, VMX_EXIT_EPT_MISCONFIG = 48, 49
+EPT_QUAL_FETCH = 0x184
+# IDT-vectoring information of a hardware exception with error code (SDM: valid bit 31,
+# type 3 in bits 10:8, "deliver error code" bit 11, the vector in bits 7:0).
+VECTORING_VALID, VECTORING_HW_EXC, VECTORING_SOFT_INT = 1 << 31, 3 << 8, 4 << 8
+VECTORING_ERRCODE = 1 << 11
 IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
 PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0})
 
@@ -98,6 +107,23 @@ class VcpuExits(VcpuCpuState):
         run.exit.memory_fault.gpa = gpa & ~(PAGE_SIZE - 1)
         run.exit.memory_fault.size = PAGE_SIZE
         raise OSError(errno.EFAULT, f"KVM_RUN: memory fault at gpa {gpa:#x} flags {flags:#x}")
+
+    @staticmethod
+    def _host_cpu() -> int:
+        """vcpu->arch.last_vmentry_cpu: the host CPU this vCPU last ran on."""
+        cpu = int(libc.sched_getcpu())
+        return max(cpu, 0)
+
+    def _emulation_failure(self, why: str, gpa: int) -> int:
+        """KVM's instruction emulator could not fetch the instruction at ``gpa`` (no memslot):
+        x86.c handle_emulation_failure() -> prepare_emulation_failure_exit() with no
+        instruction bytes: data[0] the flags (0), then get_exit_info()'s five words. The
+        emulated CPU is Intel, so they are vmx_get_exit_info()'s for an EPT violation on an
+        instruction fetch: exit reason 48, qualification 0x184 (SDM "Exit Qualification for
+        EPT Violations": fetch, linear address valid, final translation), no IDT vectoring."""
+        del gpa  # KVM reports no GPA for this exit (the EPT violation's GPA is not in data)
+        return self._internal(InternalSuberror.EMULATION, why,
+                              [0, VMX_EXIT_EPT_VIOLATION, EPT_QUAL_FETCH, 0, 0, 0])
 
     def _internal(self, sub: int, why: str, data: list[int]) -> int:
         i = self.run.exit.internal
@@ -349,8 +375,18 @@ class VcpuExits(VcpuCpuState):
             if f.kind == "fault":
                 self._pending_event = ev       # re-delivered once userspace fixed memory
                 return self._memory_fault(f.gpa, f.flags)
+            # The IDT/GDT/stack read hit MMIO while vectoring. Same five words on 6.12 and 7.3
+            # for a VMX CPU: 6.12 vmx.c __vmx_handle_exit() (EPT misconfig while vectoring:
+            # vectoring info, exit reason, qualification, GPA, last_vmentry_cpu); 6.14+ x86.c
+            # kvm_prepare_event_vectoring_exit() (vmx_get_exit_info()'s info2 = IDT vectoring
+            # info, reason, info1 = qualification, then the GPA and last_vmentry_cpu).
+            info = VECTORING_VALID | (VECTORING_SOFT_INT if ev.soft else VECTORING_HW_EXC) | \
+                ev.vector
+            if ev.error_code is not None:
+                info |= VECTORING_ERRCODE
             return self._internal(InternalSuberror.DELIVERY_EV,
-                                  f"event delivery touched MMIO at {f.gpa:#x}", [ev.vector, f.gpa])
+                                  f"event delivery touched MMIO at {f.gpa:#x}",
+                                  [info, VMX_EXIT_EPT_MISCONFIG, 0, f.gpa, self._host_cpu()])
         uc.reg_write_batch([(X.UC_X86_REG_RSP, st.rsp), (X.UC_X86_REG_RFLAGS, st.rflags),
                             (X.UC_X86_REG_CR2, st.cr2), (X.UC_X86_REG_RIP, st.rip)])
         if st.cs != cs:

@@ -318,6 +318,13 @@ class EmuVcpu(VcpuExits):
             # left alone (measured on 6.18), unlike a signal, which sets KVM_EXIT_INTR.
             raise OSError(errno.EINTR, "KVM_RUN: immediate_exit")
         if self._mode_problem is not None:
+            gpa = self._unpaged_fetch_gpa()
+            if gpa is not None and self.vm.find_memslot(gpa) is None:
+                self._ran = True
+                # Nothing to fetch from in any mode (e.g. a VM without memslots at the reset
+                # vector): KVM emulates the fetch from MMIO and fails (handle_emulation_failure()).
+                return self._emulation_failure(f"instruction fetch from gpa {gpa:#x} outside "
+                                               "every memslot", gpa)
             raise OSError(errno.EINVAL, "emulated KVM cannot run this vCPU state: "
                           f"{self._mode_problem}; only 64-bit long mode at CPL 0 is modelled")
         self._ran = True
@@ -522,9 +529,8 @@ class EmuVcpu(VcpuExits):
             _, gpa, flags = ev
             return self._memory_fault(gpa, flags)
         if kind == "fetch_mmio":
-            return self._internal(InternalSuberror.EMULATION,
-                                  f"instruction fetch from gpa {ev[1]:#x} outside every memslot",
-                                  [ev[1]])
+            return self._emulation_failure(f"instruction fetch from gpa {ev[1]:#x} outside "
+                                           "every memslot", ev[1])
         return self._internal(InternalSuberror.UNEXPECTED_EXIT_REASON, f"event {ev!r}", [])
 
     def _quiet_stop(self) -> int | None:
