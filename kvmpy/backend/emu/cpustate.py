@@ -169,7 +169,7 @@ class VcpuCpuState:
         s = self._sregs
         if s.cr0 & CR0_PG:
             return None
-        return (s.cs.base + self._get_regs().rip) & 0xFFFF_FFFF
+        return int(s.cs.base + self._get_regs().rip) & 0xFFFF_FFFF
 
     @staticmethod
     def _problem(s: kvm_sregs) -> str | None:
