@@ -112,8 +112,9 @@ def test_mmap_exec_refused(request: pytest.FixtureRequest, kvm: Kvm, gmem_vm: Vm
     """PROT_EXEC mappings are EPERM, mprotect(PROT_EXEC) of a mapping EACCES; PROT_READ alone
     maps (kvm_gmem_init_mount(): MNT_NOEXEC; do_mmap() path_noexec(); mprotect without
     VM_MAYEXEC)."""
-    emu_gap(request, kvm, "a guest_memfd mapping may be PROT_EXEC (the guest_memfd mount is "
-            "MNT_NOEXEC: virt/kvm/guest_memfd.c kvm_gmem_init_mount())")
+    emu_gap(request, kvm, "mmap(PROT_EXEC) is EPERM, but a mapping may be mprotect()ed to "
+            "PROT_EXEC: its file is a memfd, not on a noexec mount, so VM_MAYEXEC stays "
+            "(virt/kvm/guest_memfd.c kvm_gmem_init_mount(): MNT_NOEXEC)")
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     for prot in (PROT_READ | PROT_EXEC, PROT_READ | PROT_WRITE | PROT_EXEC, PROT_EXEC):
         expect_errno(g.try_mmap(TOTAL, prot=prot), errno.EPERM)

@@ -48,6 +48,7 @@ MAP_TYPE = 0x0F
 MAP_SHARED = 0x01
 MAP_SHARED_VALIDATE = 0x03
 PROT_NONE = 0x0
+PROT_EXEC = 0x4
 SYS_memfd_secret = 447          # x86-64 (arch/x86/entry/syscalls/syscall_64.tbl)
 # Seals that keep a memfd's size fixed for good (include/uapi/linux/fcntl.h).
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
@@ -293,6 +294,9 @@ class EmuGmem:
         SIGBUS as for any file. The first is modelled by mapping an empty memfd instead of
         the contents, the second by the memfd's own size.
         """
+        if prot & PROT_EXEC and self.vm.profile.gmem_noexec:
+            # mm/mmap.c do_mmap(): path_noexec() refuses VM_EXEC before f_op->mmap is called.
+            raise OSError(errno.EPERM, "PROT_EXEC mapping of a guest_memfd (noexec mount)")
         if not self.flags & GuestMemfdFlag.MMAP:
             raise OSError(self.vm.profile.gmem_mmap_noflag_errno,
                           "mmap of a guest_memfd without GUEST_MEMFD_FLAG_MMAP")

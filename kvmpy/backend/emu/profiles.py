@@ -78,6 +78,10 @@ class Profile:
     gmem_prw_errno: int = errno.ESPIPE
     #: mmap of a guest_memfd created without GUEST_MEMFD_FLAG_MMAP.
     gmem_mmap_noflag_errno: int = errno.ENODEV
+    #: The guest_memfd mount is noexec (7.3 virt/kvm/guest_memfd.c kvm_gmem_init_mount():
+    #: MNT_NOEXEC), so do_mmap() refuses PROT_EXEC with EPERM before f_op->mmap. 6.12's
+    #: anon_inode mount is not (fs/libfs.c init_pseudo() sets no SB_I_NOEXEC there).
+    gmem_noexec: bool = True
     #: madvise(MADV_COLLAPSE) on a guest_memfd mapping.
     gmem_collapse_errno: int = errno.EINVAL
     #: KVM_PRE_FAULT_MEMORY when the VM cannot pre-fault (cap 0) but the ioctl exists.
@@ -158,6 +162,7 @@ def _v6_12() -> Profile:
         gmem_flags={VmType.DEFAULT: 0, VmType.SW_PROTECTED: 0},
         gmem_slot_vm_types=1 << VmType.SW_PROTECTED,
         gmem_overlap_errno=errno.EINVAL,
+        gmem_noexec=False,
     )
 
 
