@@ -63,8 +63,8 @@ def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm,
     (2, 6; where offered) are on their range's node; migrating node 1's pages is refused and
     they stay."""
     _require_two_nodes()
-    emu_gap(request, kvm, "guest_memfd pages are not placed by a NUMA policy (virt/kvm/"
-            "guest_memfd.c kvm_gmem_get_folio() allocates by the inode's shared policy)")
+    emu_gap(request, kvm, "placement follows the policy (the contents memfd's shmem shared "
+            "policy), but its pages migrate: kvm_gmem_migrate_folio()'s refusal is not modelled")
     with GuestVm(kvm, "smoke", vm_type=vm_type, timeout=60.0) as g:
         require_gmem_flags(g.vm, MMAP_SHARED)
         if not memslot_accepts_guest_memfd(g.vm):

@@ -47,7 +47,7 @@ from ..libc import (
 )
 from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
 from .dispatch import Entry, Ptr, Table, call, check_table
-from .gmem import EmuGmem
+from .gmem import EmuGmem, has_cap_sys_admin, sync_poison
 from .memslots import RegionArgs
 from .profiles import VCPU_MMAP_SIZE, Profile, get_profile
 from .system import EmuSystem, get_supported_cpuid
@@ -57,6 +57,7 @@ from .vm import EmuVm, VcpuLike
 CAP_GUEST_MEMFD = int(Cap.GUEST_MEMFD)
 R = SimpleNamespace(**{m.name: int(m) for m in Ioctl})
 MADV_COLLAPSE = 25
+MADV_HWPOISON = 100
 MAP_SHARED = 0x01
 
 
@@ -103,7 +104,9 @@ class EmuBackend(Backend):
         self._objs: dict[tuple[int, int], _Obj] = {}     # (st_dev, st_ino) -> object
         self._keys: dict[int, tuple[int, int]] = {}      # id(object) -> its key
         # Address ranges of guest_memfd mappings (for madvise), [start, end).
-        self._gmem_maps: list[tuple[int, int]] = []
+        #: Host mappings of guest_memfds made through this backend: (start, end, file, offset
+        #: of start in the file).
+        self._gmem_maps: list[tuple[int, int, EmuGmem, int]] = []
         self._tls = threading.local()
         # Every VM made here, for munmap's MMU-notifier pass (a VM lives while a vCPU holds it).
         self._vms: weakref.WeakSet[EmuVm] = weakref.WeakSet()
@@ -280,7 +283,8 @@ class EmuBackend(Backend):
         if isinstance(obj, EmuGmem):
             a = obj.mmap(length, prot, flags, offset, addr)
             with self._lock:
-                self._gmem_maps.append((a, a + _page_up(length)))
+                self._gmem_maps.append((a, a + _page_up(length), obj, offset))
+                obj.host_maps.append((a, a + _page_up(length), offset))
             return a
         # /dev/kvm and VM fds have no mmap.
         raise OSError(errno.ENODEV, "this KVM fd cannot be mmap'd")
@@ -297,25 +301,57 @@ class EmuBackend(Backend):
                 notifiers.enter_context(vm.host_unmapping(addr, end))
             libc_munmap(addr, length)
         with self._lock:
-            out: list[tuple[int, int]] = []
-            for s, e in self._gmem_maps:
+            out: list[tuple[int, int, EmuGmem, int]] = []
+            for s, e, g, off in self._gmem_maps:
                 if e <= addr or s >= end:
-                    out.append((s, e))
+                    out.append((s, e, g, off))
                     continue
                 if s < addr:
-                    out.append((s, addr))
+                    out.append((s, addr, g, off))
                 if e > end:
-                    out.append((end, e))
+                    out.append((end, e, g, off + end - s))
+            touched = {id(g): g for s, e, g, _ in self._gmem_maps if s < end and addr < e}
             self._gmem_maps = out
+            for g in touched.values():
+                g.set_host_maps([(s, e, off) for s, e, gg, off in out if gg is g])
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
+        sync_poison()
+        if advice == MADV_HWPOISON:
+            self._hwpoison(addr, length)
+            return
         if advice == MADV_COLLAPSE:
             end = addr + length
-            if any(s < end and addr < e for s, e in self._gmem_maps):
+            if any(s < end and addr < e for s, e, _, _ in self._gmem_maps):
                 # A guest_memfd VMA is not eligible for khugepaged collapse.
                 raise OSError(self.profile.gmem_collapse_errno,
                               "madvise(MADV_COLLAPSE) on a guest_memfd mapping")
         libc_madvise(addr, length, advice)
+
+    def _hwpoison(self, addr: int, length: int) -> None:
+        """madvise(MADV_HWPOISON) (mm/madvise.c madvise_inject_error()): EPERM without
+        CAP_SYS_ADMIN, then per page memory_failure(). A guest_memfd page is poisoned in the
+        emulator, never in host RAM (gmem.py EmuGmem.hwpoison()); any other address gets the
+        real madvise, as it would without the emulator."""
+        if not has_cap_sys_admin():
+            raise OSError(errno.EPERM, "madvise(MADV_HWPOISON) needs CAP_SYS_ADMIN")
+        end = addr + length
+        with self._lock:
+            maps = [m for m in self._gmem_maps if m[0] < end and addr < m[1]]
+        if not maps:
+            libc_madvise(addr, length, MADV_HWPOISON)
+            return
+        if not self.profile.memory_failure:
+            # CONFIG_MEMORY_FAILURE off: MADV_HWPOISON is not a valid advice.
+            raise OSError(errno.EINVAL, "madvise(MADV_HWPOISON) without CONFIG_MEMORY_FAILURE")
+        page = addr & ~(PAGE_SIZE - 1)
+        while page < end:
+            m = next((m for m in maps if m[0] <= page < m[1]), None)
+            if m is None:
+                libc_madvise(page, PAGE_SIZE, MADV_HWPOISON)
+            else:
+                m[2].hwpoison(m[3] + page - m[0])
+            page += PAGE_SIZE
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         obj = self._lookup(fd)

@@ -54,11 +54,12 @@ from .cpustate import (
 from .x86 import engine as E
 from .x86.events import CpuState, Event, TripleFault, deliver
 from .x86.paging import GuestFault, PagingMode, make_read64, translate
-from .x86.physmem import PhysFault
+from .x86.physmem import TRAP_HWPOISON, PhysFault
 
 IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 HYPERCALL_OPCODES = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")      # vmcall, vmmcall
 QUIRK_FIX_HYPERCALL_INSN = 1 << 5   # KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+EHWPOISON = 133                     # include/uapi/asm-generic/errno.h
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h) and the EPT-violation qualification
 # of a not-present instruction fetch: the emulated CPU is Intel, so KVM's exit data are VMX's.
 VMX_EXIT_EPT_VIOLATION, VMX_EXIT_EPT_MISCONFIG = 48, 49
@@ -102,11 +103,15 @@ class VcpuExits(VcpuCpuState):
         """kvm_mmu_prepare_memory_fault_exit() and KVM_RUN -1/EFAULT (api.rst,
         KVM_EXIT_MEMORY_FAULT)."""
         run = self.run
+        # A hwpoisoned guest_memfd page: kvm_mmu_faultin_pfn_gmem() fills the exit, then
+        # KVM_RUN fails with __kvm_gmem_get_pfn()'s -EHWPOISON.
+        err = EHWPOISON if flags & TRAP_HWPOISON else errno.EFAULT
+        flags &= ~TRAP_HWPOISON
         run.exit_reason = ExitReason.MEMORY_FAULT
         run.exit.memory_fault.flags = flags
         run.exit.memory_fault.gpa = gpa & ~(PAGE_SIZE - 1)
         run.exit.memory_fault.size = PAGE_SIZE
-        raise OSError(errno.EFAULT, f"KVM_RUN: memory fault at gpa {gpa:#x} flags {flags:#x}")
+        raise OSError(err, f"KVM_RUN: memory fault at gpa {gpa:#x} flags {flags:#x}")
 
     @staticmethod
     def _host_cpu() -> int:

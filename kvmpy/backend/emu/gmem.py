@@ -23,9 +23,11 @@ with GUEST_MEMFD_FLAG_MMAP and MAP_SHARED; host faults SIGBUS unless the memory 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +49,8 @@ LLONG_MAX = (1 << 63) - 1
 MAP_TYPE = 0x0F
 MAP_SHARED = 0x01
 MAP_SHARED_VALIDATE = 0x03
+MAP_FIXED, MAP_ANONYMOUS = 0x10, 0x20
+PROT_READ, PROT_WRITE = 0x1, 0x2
 PROT_NONE = 0x0
 PROT_EXEC = 0x4
 SYS_memfd_secret = 447          # x86-64 (arch/x86/entry/syscalls/syscall_64.tbl)
@@ -55,6 +59,95 @@ F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 # Which kind of handle new guest_memfds get: "secret" (memfd_secret, when the kernel offers
 # it) or "sealed" (the fallback); tests force the fallback through this.
 handle_kind = "secret"
+
+
+# --- memory failure (MADV_HWPOISON of a guest_memfd page) --------------------------------------
+# The kernel's hwpoison is a property of the page, seen by every process mapping it, and the
+# selftests inject it from a forked child. So the emulator's record is in memory shared across
+# fork: one MAP_SHARED anonymous area made at import, (contents inode, page index) pairs and an
+# epoch that every change bumps. Each process applies it to its own host mappings (SIGBUS pages)
+# and vCPUs when it next enters the backend or forks (sync_poison()). Never host RAM's poison.
+_POISON_SLOTS = 1022
+_POISON_BYTES = (2 + 2 * _POISON_SLOTS) * 8
+
+
+class _PoisonTable:
+    """[epoch, count, (ino, page) * count] in a MAP_SHARED page pair inherited by children."""
+
+    def __init__(self) -> None:
+        self.addr = libc_mmap(0, _POISON_BYTES, PROT_READ | PROT_WRITE,
+                              MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+        self.words = (ctypes.c_uint64 * (_POISON_BYTES // 8)).from_address(self.addr)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.words[0])
+
+    def pages(self, ino: int) -> set[int]:
+        w = self.words
+        return {int(w[3 + 2 * i]) for i in range(int(w[1])) if w[2 + 2 * i] == ino}
+
+    def add(self, ino: int, page: int) -> None:
+        if page in self.pages(ino):
+            return
+        w = self.words
+        n = int(w[1])
+        if n >= _POISON_SLOTS:
+            raise OSError(errno.ENOMEM, f"emulated KVM: more than {_POISON_SLOTS} hwpoisoned "
+                                        "guest_memfd pages are not modelled")
+        w[2 + 2 * n], w[3 + 2 * n] = ino, page
+        w[1] = n + 1
+        w[0] += 1
+
+    def remove(self, ino: int, p0: int, p1: int) -> bool:
+        w = self.words
+        keep = [(int(w[2 + 2 * i]), int(w[3 + 2 * i])) for i in range(int(w[1]))]
+        left = [(i, p) for i, p in keep if i != ino or not p0 <= p < p1]
+        if len(left) == len(keep):
+            return False
+        for k, (i, p) in enumerate(left):
+            w[2 + 2 * k], w[3 + 2 * k] = i, p
+        w[1] = len(left)
+        w[0] += 1
+        return True
+
+
+_poison = _PoisonTable()
+#: Live guest_memfds of this process (for sync_poison()).
+_live: weakref.WeakSet[EmuGmem] = weakref.WeakSet()
+_seen_epoch = 0
+
+
+def poison_epoch() -> int:
+    """Bumped by every poison or unpoison in any process of this tree (vCPUs compare it)."""
+    return _poison.epoch
+
+
+def sync_poison() -> None:
+    """Bring this process's host mappings of guest_memfds up to date with poison recorded by
+    another process (a forked injector): cheap when nothing changed."""
+    global _seen_epoch
+    epoch = _poison.epoch
+    if epoch == _seen_epoch:
+        return
+    _seen_epoch = epoch
+    for g in list(_live):
+        g.apply_poison()
+
+
+os.register_at_fork(before=sync_poison)
+
+
+def has_cap_sys_admin() -> bool:
+    """CAP_SYS_ADMIN in the effective set (/proc/self/status CapEff bit 21)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
 
 
 def _memfd_secret() -> int:
@@ -206,6 +299,13 @@ class EmuGmem:
         self.closed = False
         self._sigbus: HeldFile | None = None
         self._compat_fd = -1
+        #: This process's host mappings of the file made through the backend: (start, end,
+        #: file offset of start); the backend keeps it (EmuBackend.mmap/munmap).
+        self.host_maps: list[tuple[int, int, int]] = []
+        #: Host page addresses already turned into SIGBUS pages for a poisoned page.
+        self._sigbus_pages: set[int] = set()
+        self._ino = 0
+        _live.add(self)
 
     def __repr__(self) -> str:
         return f"<EmuGmem fd {self.fd} size {self.size:#x} flags {self.flags:#x}>"
@@ -233,6 +333,68 @@ class EmuGmem:
             with self.contents() as fd:
                 self._compat_fd = os.dup(fd)
         return self._compat_fd
+
+    # --- memory failure -----------------------------------------------------------------------
+    @property
+    def ino(self) -> int:
+        """The contents memfd's inode number: the file's identity in the poison table."""
+        if not self._ino:
+            with self.contents() as fd:
+                self._ino = os.fstat(fd).st_ino
+        return self._ino
+
+    def poisoned(self) -> set[int]:
+        """Page indices of the file that are hwpoisoned (empty without any poison)."""
+        return _poison.pages(self.ino) if _poison.words[1] else set()
+
+    def hwpoison(self, offset: int) -> None:
+        """memory_failure() of the page at file ``offset`` (7.3 virt/kvm/guest_memfd.c
+        kvm_gmem_error_folio(): KVM's mappings of it are zapped, the folio stays in the file,
+        MF_DELAYED). The injecting task is not killed here (the kernel may kill it with
+        BUS_MCEERR_AR). A page the host cannot fault in - not shared, or past i_size - is
+        EFAULT, as get_user_pages_fast() in madvise_inject_error() fails there."""
+        if not self.flags & GuestMemfdFlag.INIT_SHARED or not 0 <= offset < self.size:
+            raise OSError(errno.EFAULT, "madvise(MADV_HWPOISON): the page cannot be faulted in")
+        page = offset // PAGE_SIZE
+        with self.vm.lock:
+            _poison.add(self.ino, page)
+            self.apply_poison()
+            for lo, hi in self.bound_gpa_ranges(page * PAGE_SIZE, (page + 1) * PAGE_SIZE):
+                self.vm.invalidate(lo, hi)
+
+    def apply_poison(self) -> None:
+        """Make this process's host mappings of poisoned pages SIGBUS for real: the page of
+        each mapping is replaced (MAP_FIXED) by a page of an empty memfd, past its end. It
+        stays so after a punch-hole, as the kernel's hwpoison PTE survives truncation
+        (mm/memory.c zap_nonpresent_ptes()); a new mapping gets the fresh page."""
+        if self.closed or not self.host_maps:
+            return
+        pages = self.poisoned()
+        for start, end, off in self.host_maps:
+            for page in pages:
+                a = start + page * PAGE_SIZE - off
+                if start <= a < end and a not in self._sigbus_pages:
+                    self._map_sigbus(a, PAGE_SIZE)
+                    self._sigbus_pages.add(a)
+
+    def set_host_maps(self, maps: list[tuple[int, int, int]]) -> None:
+        """After an munmap: the mappings left (SIGBUS pages of unmapped ones are forgotten)."""
+        self.host_maps = maps
+        self._sigbus_pages = {a for a in self._sigbus_pages
+                              if any(s <= a < e for s, e, _ in maps)}
+
+    def _map_sigbus(self, addr: int, length: int) -> None:
+        if self._sigbus is None:
+            # An empty memfd: every page of a shared mapping of it raises SIGBUS when touched.
+            self._sigbus = HeldFile(os.memfd_create("kvm-gmem-private", os.MFD_CLOEXEC))
+        with self._sigbus.open() as fd:
+            libc_mmap(addr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0)
+
+    def unpoison(self, offset: int, end: int) -> None:
+        """PUNCH_HOLE over poisoned pages: truncate_inode_pages_range() drops the folios, the
+        next fault allocates fresh zeroed pages (kvm_gmem_punch_hole())."""
+        if _poison.words[1]:
+            _poison.remove(self.ino, offset // PAGE_SIZE, -(-end // PAGE_SIZE))
 
     # --- binding bookkeeping (under vm.lock) -------------------------------------------------
     def overlaps(self, offset: int, size: int) -> bool:
@@ -273,6 +435,7 @@ class EmuGmem:
                 # A hole past i_size is a no-op success.
                 ranges = self.bound_gpa_ranges(offset, end)
                 if offset < self.size:
+                    self.unpoison(offset, min(end, self.size))
                     with self.contents() as fd:
                         libc_fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
                                        offset, min(end, self.size) - offset)
@@ -303,7 +466,14 @@ class EmuGmem:
         if flags & MAP_TYPE not in (MAP_SHARED, MAP_SHARED_VALIDATE):
             raise OSError(errno.EINVAL, "guest_memfd can only be mapped MAP_SHARED")
         if self.flags & GuestMemfdFlag.INIT_SHARED:
-            return self.map_contents(addr, length, prot, flags, offset)
+            a = self.map_contents(addr, length, prot, flags, offset)
+            # A poisoned page faults VM_FAULT_HWPOISON: SIGBUS (kvm_gmem_fault_user_mapping()).
+            for page in self.poisoned():
+                pa = a + page * PAGE_SIZE - offset
+                if a <= pa < a + length:
+                    self._map_sigbus(pa, PAGE_SIZE)
+                    self._sigbus_pages.add(pa)
+            return a
         if self._sigbus is None:
             # An empty memfd: every page of a shared mapping of it raises SIGBUS when touched.
             self._sigbus = HeldFile(os.memfd_create("kvm-gmem-private", os.MFD_CLOEXEC))

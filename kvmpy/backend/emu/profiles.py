@@ -40,10 +40,13 @@ MODELLED_CAPS: frozenset[int] = frozenset({
 })
 
 KVM_HC_MAP_GPA_RANGE_BIT = 1 << 12
-# arch/x86/include/asm/kvm_host.h KVM_X86_VALID_QUIRKS (6.12.117 and 7.3.4: LINT0_REENABLED ..
-# VMCS12_ALLOW_FREEZE_IN_SMM, bits 0-10). x86.c kvm_x86_vendor_init() drops IGNORE_GUEST_PAT
-# only without TDP (and vmx.c on Intel without self-snoop); the AMD NPT hosts CI models keep it.
-KVM_X86_VALID_QUIRKS = 0x7FF
+# KVM_CAP_DISABLE_QUIRKS2 = kvm_caps.supported_quirks, from arch/x86/include/asm/kvm_host.h
+# KVM_X86_VALID_QUIRKS: 6.12.117 has bits 0-10 (LINT0_REENABLED .. VMCS12_ALLOW_FREEZE_IN_SMM);
+# 7.3.4 answers 0xfff (one more quirk, bit 11; measured in the CI VM, results/vm-7.3/
+# profile.json). x86.c kvm_x86_vendor_init() drops IGNORE_GUEST_PAT only without TDP (and vmx.c
+# on Intel without self-snoop): the AMD NPT kernels CI runs keep every bit.
+KVM_X86_VALID_QUIRKS_6_12 = 0x7FF
+KVM_X86_VALID_QUIRKS_7_3 = 0xFFF
 KVM_USER_MEM_SLOTS = 32764          # x86: KVM_MEM_SLOTS_NUM (32767) - 3 private slots
 KVM_MAX_VCPUS = 1024
 KVM_MAX_VCPU_IDS = 4096
@@ -82,6 +85,9 @@ class Profile:
     #: MNT_NOEXEC), so do_mmap() refuses PROT_EXEC with EPERM before f_op->mmap. 6.12's
     #: anon_inode mount is not (fs/libfs.c init_pseudo() sets no SB_I_NOEXEC there).
     gmem_noexec: bool = True
+    #: CONFIG_MEMORY_FAILURE: MADV_HWPOISON of a guest_memfd page is modelled (the CI's 7.3.4
+    #: config has it, its 6.12.117 config not: there MADV_HWPOISON is EINVAL).
+    memory_failure: bool = True
     #: madvise(MADV_COLLAPSE) on a guest_memfd mapping.
     gmem_collapse_errno: int = errno.EINVAL
     #: KVM_PRE_FAULT_MEMORY when the VM cannot pre-fault (cap 0) but the ioctl exists.
@@ -116,7 +122,7 @@ def _upstream() -> Profile:
         Cap.PRE_FAULT_MEMORY: 1,
         # x86.c kvm_vm_ioctl_check_extension(): kvm_caps.supported_quirks, the same on
         # /dev/kvm and every VM type.
-        Cap.DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS,
+        Cap.DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS_7_3,
     }
     both = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
     # kvm_supported_mem_attributes(): PRIVATE when kvm is NULL (/dev/kvm) or the VM has
@@ -152,8 +158,10 @@ def _v6_12() -> Profile:
                   if k != Cap.GUEST_MEMFD_FLAGS}
     # 6.12: KVM_CAP_GUEST_MEMFD is "!kvm || kvm_arch_has_private_mem(kvm)".
     default_vm[Cap.GUEST_MEMFD] = 0
+    system[Cap.DISABLE_QUIRKS2] = default_vm[Cap.DISABLE_QUIRKS2] = KVM_X86_VALID_QUIRKS_6_12
     sw_vm = {k: v for k, v in up.vm_caps[VmType.SW_PROTECTED].items()
              if k != Cap.GUEST_MEMFD_FLAGS}
+    sw_vm[Cap.DISABLE_QUIRKS2] = KVM_X86_VALID_QUIRKS_6_12
     return dataclasses.replace(
         up, name="6.12",
         description="v6.12 (SW_PROTECTED VMs, memory attributes; no guest_memfd flags)",
@@ -163,6 +171,7 @@ def _v6_12() -> Profile:
         gmem_slot_vm_types=1 << VmType.SW_PROTECTED,
         gmem_overlap_errno=errno.EINVAL,
         gmem_noexec=False,
+        memory_failure=False,
     )
 
 

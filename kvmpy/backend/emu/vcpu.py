@@ -60,6 +60,7 @@ from .cpustate import (
 )
 from .dispatch import Entry, Ptr, Table, call, check_table
 from .exits import HYPERCALL_OPCODES, IO_DATA_OFFSET, VcpuExits
+from .gmem import poison_epoch, sync_poison
 from .sigwatch import SignalWatch
 from .x86 import engine as E
 from .x86.events import HAS_ERROR_CODE, Event
@@ -101,6 +102,7 @@ class EmuVcpu(VcpuExits):
         self._ioctl_lock = threading.RLock()
         self._sregs = _reset_sregs(vcpu_id)
         self._mode_problem: str | None = "the vCPU is in real mode (its reset state)"
+        self._poison_epoch = poison_epoch()
         self._loaded_fs = self._loaded_gs = 0
         self._cpuid: list[kvm_cpuid_entry2] = []
         self._ran = False
@@ -328,6 +330,12 @@ class EmuVcpu(VcpuExits):
             raise OSError(errno.EINVAL, "emulated KVM cannot run this vCPU state: "
                           f"{self._mode_problem}; only 64-bit long mode at CPL 0 is modelled")
         self._ran = True
+        if poison_epoch() != self._poison_epoch:
+            # Memory failure recorded by another process (a forked injector): KVM's zap of the
+            # poisoned pages (kvm_gmem_error_folio()) reaches this vCPU now.
+            self._poison_epoch = poison_epoch()
+            sync_poison()
+            self.invalidate(0, 1 << 64)
         with SignalWatch() as self._sig:
             try:
                 if self._mp_state != MpState.RUNNABLE:

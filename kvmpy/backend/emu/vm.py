@@ -19,6 +19,7 @@ from ...uapi import (
     PAGE_SIZE,
     Cap,
     ExitReason,
+    GuestMemfdFlag,
     MemoryAttribute,
     MemoryExitFlag,
     kvm_run,
@@ -35,6 +36,7 @@ CAP_EXIT_HYPERCALL = int(Cap.EXIT_HYPERCALL)
 CAP_PRE_FAULT_MEMORY = int(Cap.PRE_FAULT_MEMORY)
 CAP_MAX_VCPUS = int(Cap.MAX_VCPUS)
 CAP_DISABLE_QUIRKS2 = int(Cap.DISABLE_QUIRKS2)
+EHWPOISON = 133  # include/uapi/asm-generic/errno.h
 
 
 class VcpuLike(Protocol):
@@ -290,13 +292,24 @@ class EmuVm:
                     nb = self.attributes.next_boundary(gfn)
                     if nb is not None:
                         end = min(end, nb << PAGE_SHIFT)
-                if private:
-                    g = slot.gmem
+                g = slot.gmem
+                # A GMEM_ONLY slot (guest_memfd with MMAP) serves shared gfns from the file too.
+                if private or (g is not None and g.flags & GuestMemfdFlag.MMAP):
                     if g is None:
                         self._memory_fault(run_addr, gpa)
                         err = errno.EFAULT
                         break
                     off = slot.gmem_offset + gpa - slot.gpa
+                    bad = [p for p in g.poisoned()
+                           if off <= p * PAGE_SIZE < off + end - gpa]
+                    if bad:
+                        # __kvm_gmem_get_pfn(): -EHWPOISON; the pages before it are mapped.
+                        end = gpa + min(bad) * PAGE_SIZE - off
+                        if end == gpa:
+                            self._memory_fault(run_addr, gpa, MemoryExitFlag.PRIVATE
+                                               if private else 0)
+                            err = EHWPOISON
+                            break
                     g.allocate(off, end - gpa)
                 size -= end - gpa
                 gpa = end
@@ -305,13 +318,14 @@ class EmuVm:
         return 0, gpa, size
 
     @staticmethod
-    def _memory_fault(run_addr: int, gpa: int) -> None:
-        """kvm_mmu_prepare_memory_fault_exit(): fill kvm_run for a private fault."""
+    def _memory_fault(run_addr: int, gpa: int,
+                      flags: int = int(MemoryExitFlag.PRIVATE)) -> None:
+        """kvm_mmu_prepare_memory_fault_exit(): fill kvm_run for the fault."""
         if not run_addr:
             return
         run = kvm_run.from_address(run_addr)
         run.exit_reason = ExitReason.MEMORY_FAULT
-        run.exit.memory_fault.flags = MemoryExitFlag.PRIVATE
+        run.exit.memory_fault.flags = flags
         run.exit.memory_fault.gpa = gpa & ~(PAGE_SIZE - 1)
         run.exit.memory_fault.size = PAGE_SIZE
 

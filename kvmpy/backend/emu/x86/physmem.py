@@ -52,6 +52,9 @@ SHARED = "S"       # served from the shared backing
 GMEM = "G"         # served from the guest_memfd
 # Trapping pages carry ("T", memory_fault_flags).
 TrapState = tuple[str, int]
+#: Not a KVM flag: marks a trap on a hwpoisoned guest_memfd page, which fails KVM_RUN with
+#: EHWPOISON instead of EFAULT (exits.py _memory_fault()).
+TRAP_HWPOISON = 1 << 62
 State = str | TrapState
 
 
@@ -202,11 +205,11 @@ class SlotMap:
             q = p1 if nb is None else min(p1, max(nb - gfn0, p + 1))
             if private:
                 if slot.gmem is not None:
-                    out.append((p, q, GMEM))
+                    self._gmem_runs(out, p, q, int(MemoryExitFlag.PRIVATE))
                 else:
                     out.append((p, q, ("T", int(MemoryExitFlag.PRIVATE))))
             elif self.gmem_only:
-                out.append((p, q, GMEM))
+                self._gmem_runs(out, p, q, 0)
             else:
                 for seg in self.segs:
                     s = max(p, seg.lo >> PAGE_SHIFT)
@@ -228,6 +231,22 @@ class SlotMap:
                             out.append((lim, e, ("T", 0)))
             p = q
         return out
+
+    def _gmem_runs(self, out: list[tuple[int, int, State]], p: int, q: int,
+                   flags: int) -> None:
+        """Slot pages [p, q) served by the guest_memfd, except hwpoisoned ones, which trap:
+        __kvm_gmem_get_pfn() returns -EHWPOISON for a hwpoisoned folio."""
+        gmem = self.slot.gmem
+        assert gmem is not None
+        base = self.slot.gmem_offset >> PAGE_SHIFT
+        bad = sorted(pg - base for pg in gmem.poisoned() if p <= pg - base < q)
+        for b in bad:
+            if p < b:
+                out.append((p, b, GMEM))
+            out.append((b, b + 1, ("T", flags | TRAP_HWPOISON)))
+            p = b + 1
+        if p < q:
+            out.append((p, q, GMEM))
 
     def _fill_window(self, p0: int, p1: int, st: State) -> None:
         off, length = p0 << PAGE_SHIFT, (p1 - p0) << PAGE_SHIFT
