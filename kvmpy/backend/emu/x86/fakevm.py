@@ -76,6 +76,10 @@ class FakeGmem:
         """EmuGmem.map_contents(): an mmap of the contents."""
         return libc_mmap(addr, length, prot, flags, self.fd, offset)
 
+    def poisoned(self) -> set[int]:
+        """EmuGmem.poisoned(): no hwpoisoned pages in a stand-in file."""
+        return set()
+
 
 @dataclass(eq=False)
 class FakeVm:
