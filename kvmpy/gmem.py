@@ -64,6 +64,11 @@ class GuestMemfd(FdObject):
         with self._use("fstat") as fd:
             return self.backend.fstat(fd)
 
+    def fstatfs_type(self) -> int:
+        """fstatfs(2)'s f_type: the guest_memfd mount's magic (7.3: GUEST_MEMFD_MAGIC)."""
+        with self._use("fstatfs") as fd:
+            return self.backend.fstatfs_type(fd)
+
     def try_read(self, count: int = 8) -> Errno:
         with self._use("read") as fd:
             return _errno_of(lambda: self.backend.read(fd, count), "read", f"fd {fd}, {count}")

@@ -20,7 +20,7 @@ from .backend import (
     Backend,
 )
 from .backend.libc import libc_mmap, libc_munmap
-from .errors import ClosedError, KvmError
+from .errors import ClosedError, Errno, KvmError
 
 
 class Mapping:
@@ -67,6 +67,23 @@ class Mapping:
     def fill(self, offset: int, length: int, byte: int) -> None:
         self._check_range(offset, length)
         ctypes.memset(self.addr + offset, byte, length)
+
+    def mprotect(self, prot: int) -> None:
+        """mprotect(2) of the whole mapping."""
+        err = self.try_mprotect(prot)
+        if err:
+            raise KvmError(err, "mprotect", err.detail)
+
+    def try_mprotect(self, prot: int) -> Errno:
+        self._check_open()
+        detail = f"{self.what} {self.addr:#x}, len {self.length:#x}, prot {prot:#x}"
+        try:
+            self.backend.mprotect(self.addr, self.length, prot)
+        except OSError as e:
+            if e.errno is None:  # raised by a signal handler, not the kernel
+                raise
+            return Errno(e.errno, "mprotect", detail)
+        return Errno(0, "mprotect", detail)
 
     def _check_open(self) -> None:
         if self._closed:

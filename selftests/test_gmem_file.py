@@ -37,9 +37,7 @@ import pytest
 from kvmpy.backend import MAP_SHARED, PROT_READ, PROT_WRITE
 from kvmpy.backend.libc import (
     MREMAP_MAYMOVE,
-    libc_fstatfs_type,
     libc_ioctl,
-    libc_mprotect,
     libc_mremap,
     libc_userfaultfd,
 )
@@ -47,7 +45,6 @@ from kvmpy.errors import Errno
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, errno_of, expect_errno
-from kvmpy.testing.private_mem import emu_gap
 from kvmpy.testing.require import where
 from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import PAGE_SIZE, GuestMemfdFlag
@@ -85,43 +82,35 @@ def test_ftruncate_refused(gmem_vm: Vm, gmem_flags_offered: int, length: int) ->
     assert size == TOTAL, f"st_size {size:#x} after a refused ftruncate, expected {TOTAL:#x}"
 
 
-def test_fstatfs_magic(request: pytest.FixtureRequest, kvm: Kvm, gmem_vm: Vm,
-                       gmem_flags_offered: int) -> None:
+def test_fstatfs_magic(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     """fstatfs f_type is GUEST_MEMFD_MAGIC (7.3: the guest_memfd pseudo-filesystem) or
     ANON_INODE_FS_MAGIC (6.12..6.18: anon_inode_create_getfile()), and one kernel answers the
     same for every guest_memfd, whatever its flags (all come from one mount)."""
-    emu_gap(request, kvm, "a guest_memfd is a memfd (f_type TMPFS_MAGIC), not a file of the "
-            "guest_memfd pseudo-filesystem (kvm_gmem_init_fs_context(): GUEST_MEMFD_MAGIC)")
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
-    f_type = libc_fstatfs_type(g.fd)
+    f_type = g.fstatfs_type()
     print(f"fstatfs(guest_memfd).f_type = {f_type:#x} on {where(gmem_vm)}")
     want = {GUEST_MEMFD_MAGIC, ANON_INODE_FS_MAGIC}
     assert f_type in want, (f"fstatfs(guest_memfd).f_type = {f_type:#x} on {where(gmem_vm)}; "
                             f"expected GUEST_MEMFD_MAGIC {GUEST_MEMFD_MAGIC:#x} or "
                             f"ANON_INODE_FS_MAGIC {ANON_INODE_FS_MAGIC:#x}")
     other = gmem_vm.create_guest_memfd(P, 0)
-    assert libc_fstatfs_type(other.fd) == f_type, "guest_memfds of one kernel on two filesystems"
+    assert other.fstatfs_type() == f_type, "guest_memfds of one kernel on two filesystems"
     assert other.fstat().st_dev == g.fstat().st_dev, "guest_memfds of one VM on two mounts"
 
 
 # --- mmap: noexec mount ------------------------------------------------------------------------
 
 @only(MMAP, MMAP | INIT_SHARED)
-def test_mmap_exec_refused(request: pytest.FixtureRequest, kvm: Kvm, gmem_vm: Vm,
-                           gmem_flags_offered: int) -> None:
+def test_mmap_exec_refused(gmem_vm: Vm, gmem_flags_offered: int) -> None:
     """PROT_EXEC mappings are EPERM, mprotect(PROT_EXEC) of a mapping EACCES; PROT_READ alone
     maps (kvm_gmem_init_mount(): MNT_NOEXEC; do_mmap() path_noexec(); mprotect without
     VM_MAYEXEC)."""
-    emu_gap(request, kvm, "mmap(PROT_EXEC) is EPERM, but a mapping may be mprotect()ed to "
-            "PROT_EXEC: its file is a memfd, not on a noexec mount, so VM_MAYEXEC stays "
-            "(virt/kvm/guest_memfd.c kvm_gmem_init_mount(): MNT_NOEXEC)")
     g = gmem_vm.create_guest_memfd(TOTAL, gmem_flags_offered)
     for prot in (PROT_READ | PROT_EXEC, PROT_READ | PROT_WRITE | PROT_EXEC, PROT_EXEC):
         expect_errno(g.try_mmap(TOTAL, prot=prot), errno.EPERM)
     expect_errno(g.try_mmap(TOTAL, prot=PROT_READ), 0, "a PROT_READ mapping must still work")
     m = g.mmap(TOTAL)
-    expect_errno(errno_of("mprotect", libc_mprotect, m.addr, TOTAL, PROT_READ | PROT_EXEC),
-                 errno.EACCES, "no VM_MAYEXEC on a noexec mount")
+    expect_errno(m.try_mprotect(PROT_READ | PROT_EXEC), errno.EACCES, "no VM_MAYEXEC on a noexec mount")
 
 
 # --- reclaim advice ------------------------------------------------------------------------------

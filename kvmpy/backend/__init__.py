@@ -74,6 +74,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def fstat(self, fd: int) -> os.stat_result: ...
 
+    def fstatfs_type(self, fd: int) -> int:
+        """fstatfs(2)'s f_type: which filesystem the file lives on."""
+        from .libc import libc_fstatfs_type
+        return libc_fstatfs_type(fd)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2) of a mapping made through :meth:`mmap`."""
+        from .libc import libc_mprotect
+        libc_mprotect(addr, length, prot)
+
     @abc.abstractmethod
     def read(self, fd: int, count: int) -> bytes: ...
 

@@ -325,6 +325,12 @@ class FaultBackend(Backend):
     def fstat(self, fd: int) -> os.stat_result:
         return self.inner.fstat(fd)
 
+    def fstatfs_type(self, fd: int) -> int:
+        return self.inner.fstatfs_type(fd)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        self.inner.mprotect(addr, length, prot)
+
     def read(self, fd: int, count: int) -> bytes:
         return self.inner.read(fd, count)
 

@@ -47,7 +47,7 @@ from ..libc import (
 )
 from . import sigwatch as _sigwatch  # noqa: F401  (its pipe is made with the backend)
 from .dispatch import Entry, Ptr, Table, call, check_table
-from .gmem import EmuGmem, has_cap_sys_admin, sync_poison
+from .gmem import PROT_EXEC, EmuGmem, has_cap_sys_admin, sync_poison
 from .memslots import RegionArgs
 from .profiles import VCPU_MMAP_SIZE, Profile, get_profile
 from .system import EmuSystem, get_supported_cpuid
@@ -376,6 +376,22 @@ class EmuBackend(Backend):
                 extra["st_blocks"] = os.fstat(cfd).st_blocks
             return os.stat_result(list(st), extra)
         return st
+
+    def fstatfs_type(self, fd: int) -> int:
+        obj = self._lookup(fd)
+        if isinstance(obj, EmuGmem) and not obj.closed:
+            return self.profile.gmem_fs_magic   # the handle itself is a memfd_secret
+        return super().fstatfs_type(fd)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        end = addr + _page_up(length)
+        if prot & PROT_EXEC and self.profile.gmem_noexec and any(
+                s < end and addr < e for s, e, _, _ in self._gmem_maps):
+            # mm/mprotect.c do_mprotect_pkey(): VM_EXEC without VM_MAYEXEC is EACCES; do_mmap()
+            # clears VM_MAYEXEC for a file on a noexec mount (path_noexec()).
+            raise OSError(errno.EACCES, "mprotect(PROT_EXEC) of a guest_memfd mapping "
+                          "(noexec mount)")
+        super().mprotect(addr, length, prot)
 
     def _rw_refused(self, fd: int, positioned: bool) -> None:
         """KVM files have no read/write methods (EINVAL); a guest_memfd is also not

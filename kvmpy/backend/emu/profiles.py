@@ -53,6 +53,9 @@ KVM_MAX_VCPU_IDS = 4096
 KVM_MAX_CPUID_ENTRIES = 256
 VCPU_MMAP_SIZE = 3 * 4096           # kvm_run page, PIO data page, coalesced MMIO page
 
+GUEST_MEMFD_MAGIC = 0x474D454D    # include/uapi/linux/magic.h: "GMEM"
+ANON_INODE_FS_MAGIC = 0x09041934
+
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
@@ -85,6 +88,11 @@ class Profile:
     #: MNT_NOEXEC), so do_mmap() refuses PROT_EXEC with EPERM before f_op->mmap. 6.12's
     #: anon_inode mount is not (fs/libfs.c init_pseudo() sets no SB_I_NOEXEC there).
     gmem_noexec: bool = True
+    #: fstatfs(2) f_type of a guest_memfd: 7.3 has its own pseudo-filesystem
+    #: (virt/kvm/guest_memfd.c kvm_gmem_init_fs_context(): init_pseudo(fc, GUEST_MEMFD_MAGIC));
+    #: 6.12..6.18 made the file with anon_inode_create_getfile() (ANON_INODE_FS_MAGIC, measured
+    #: on 6.18 here). include/uapi/linux/magic.h.
+    gmem_fs_magic: int = ANON_INODE_FS_MAGIC
     #: CONFIG_MEMORY_FAILURE: MADV_HWPOISON of a guest_memfd page is modelled (the CI's 7.3.4
     #: config has it, its 6.12.117 config not: there MADV_HWPOISON is EINVAL).
     memory_failure: bool = True
@@ -182,7 +190,7 @@ def _v7_3() -> Profile:
     # bindings (measured: ../shared/kernels/linux-7.3.4-sw-protected/README.md, and in every CI
     # run by ci/compare-profiles against probe_host() inside the VM).
     return dataclasses.replace(
-        _upstream(), name="7.3",
+        _upstream(), name="7.3", gmem_fs_magic=GUEST_MEMFD_MAGIC,
         description="v7.3 (as upstream: SW_PROTECTED VMs, memory attributes, guest_memfd "
                     "MMAP|INIT_SHARED on DEFAULT VMs, MMAP on SW_PROTECTED VMs)")
 
