@@ -74,6 +74,27 @@ class Mapping:
         if err:
             raise KvmError(err, "mprotect", err.detail)
 
+    def try_mbind(self, offset: int, length: int, mode: int, nodemask: int,
+                  flags: int = 0) -> Errno:
+        """mbind(2) of [offset, offset+length) of the mapping (``nodemask``: a bit mask)."""
+        self._check_range(offset, length)
+        detail = (f"{self.what} {self.addr + offset:#x}, len {length:#x}, mode {mode}, "
+                  f"nodemask {nodemask:#b}, flags {flags:#x}")
+        try:
+            self.backend.mbind(self.addr + offset, length, mode, nodemask, flags)
+        except OSError as e:
+            if e.errno is None:
+                raise
+            return Errno(e.errno, "mbind", detail)
+        return Errno(0, "mbind", detail)
+
+    def move_pages(self, offsets: list[int], nodes: list[int] | None = None) -> list[int]:
+        """move_pages(2) of the pages at ``offsets``: their nodes (``nodes`` None, negative
+        errno for a page not present) or, moving each to its node, the per-page status."""
+        for off in offsets:
+            self._check_range(off, 1)
+        return self.backend.move_pages([self.addr + off for off in offsets], nodes)
+
     def try_mprotect(self, prot: int) -> Errno:
         self._check_open()
         detail = f"{self.what} {self.addr:#x}, len {self.length:#x}, prot {prot:#x}"

@@ -25,12 +25,10 @@ from pathlib import Path
 import pytest
 
 from conftest import require_gmem_flags
-from kvmpy.backend.libc import MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT, libc_mbind, libc_move_pages
-from kvmpy.errors import Errno
+from kvmpy.backend.libc import MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT
 from kvmpy.guest import GuestVm
 from kvmpy.system import Kvm
-from kvmpy.testing.errnos import errname, errno_of, expect_errno, memslot_accepts_guest_memfd
-from kvmpy.testing.private_mem import emu_gap
+from kvmpy.testing.errnos import errname, expect_errno, memslot_accepts_guest_memfd
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, Cap, GuestMemfdFlag
 
@@ -50,21 +48,15 @@ def _require_two_nodes() -> None:
                     "guest_memfd placement needs nodes 0 and 1")
 
 
-def _mbind(addr: int, length: int, nodemask: int, flags: int = 0) -> Errno:
-    return errno_of("mbind", lambda: libc_mbind(addr, length, MPOL_BIND, nodemask, flags=flags),
-                    detail=f"{addr:#x}, {length:#x}, MPOL_BIND, nodemask {nodemask:#b}, "
-                    f"flags {flags:#x}")
 
 
-def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm, vm_type: int,
+def test_kvm_allocations_follow_policy(kvm: Kvm, vm_type: int,
                                        make_vm: object) -> None:
     """Pages 0-3 bound to node 1 and 4-7 to node 0 by mbind on the guest_memfd mapping: the
     pages allocated by fallocate (0, 4), by a guest write (1, 5) and by KVM_PRE_FAULT_MEMORY
     (2, 6; where offered) are on their range's node; migrating node 1's pages is refused and
     they stay."""
     _require_two_nodes()
-    emu_gap(request, kvm, "placement follows the policy (the contents memfd's shmem shared "
-            "policy), but its pages migrate: kvm_gmem_migrate_folio()'s refusal is not modelled")
     with GuestVm(kvm, "smoke", vm_type=vm_type, timeout=60.0) as g:
         require_gmem_flags(g.vm, MMAP_SHARED)
         if not memslot_accepts_guest_memfd(g.vm):
@@ -72,8 +64,8 @@ def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm,
         r = g.add_memory(NPAGES * P, gpa=GPA, gmem=True, gmem_flags=MMAP_SHARED, shared="gmem")
         assert r.gmem is not None and r.gmem_map is not None
         m = r.gmem_map
-        expect_errno(_mbind(m.addr, 4 * P, 0b10), 0, "pages 0-3 to node 1")
-        expect_errno(_mbind(m.addr + 4 * P, 4 * P, 0b01), 0, "pages 4-7 to node 0")
+        expect_errno(m.try_mbind(0, 4 * P, MPOL_BIND, 0b10), 0, "pages 0-3 to node 1")
+        expect_errno(m.try_mbind(4 * P, 4 * P, MPOL_BIND, 0b01), 0, "pages 4-7 to node 0")
 
         by: dict[int, str] = {}
         for page in (0, 4):
@@ -92,17 +84,16 @@ def test_kvm_allocations_follow_policy(request: pytest.FixtureRequest, kvm: Kvm,
         pages = sorted(by)
         for page in pages:  # map the existing folio into this process to locate it
             m.read(page * P, 1)
-        addrs = [m.addr + page * P for page in pages]
-        got = libc_move_pages(addrs)
+        got = m.move_pages([page * P for page in pages])
         want = [1 if page < 4 else 0 for page in pages]
         wrong = [f"page {p} ({by[p]}) on node {n}, expected {w}"
                  for p, n, w in zip(pages, got, want, strict=True) if n != w]
         assert not wrong, "; ".join(wrong)
 
-        low = [a for a, p in zip(addrs, pages, strict=True) if p < 4]
-        err = _mbind(m.addr, 4 * P, 0b01, MPOL_MF_MOVE | MPOL_MF_STRICT)
-        moved = libc_move_pages(low, [0] * len(low))
-        after = libc_move_pages(low)
+        low = [page * P for page in pages if page < 4]
+        err = m.try_mbind(0, 4 * P, MPOL_BIND, 0b01, MPOL_MF_MOVE | MPOL_MF_STRICT)
+        moved = m.move_pages(low, [0] * len(low))
+        after = m.move_pages(low)
         print(f"mbind(MPOL_MF_MOVE|STRICT to node 0) -> {errname(err)}; move_pages to node 0 "
               f"status {moved}; nodes after {after}")
         expect_errno(err, (errno.EIO, errno.EINVAL), "a refusal: kvm_gmem_migrate_folio()")

@@ -84,6 +84,17 @@ class Backend(abc.ABC):
         from .libc import libc_mprotect
         libc_mprotect(addr, length, prot)
 
+    def mbind(self, addr: int, length: int, mode: int, nodemask: int, flags: int = 0) -> None:
+        """mbind(2) of a mapping made through :meth:`mmap` (``nodemask``: a bit mask)."""
+        from .libc import libc_mbind
+        libc_mbind(addr, length, mode, nodemask, flags=flags)
+
+    def move_pages(self, addrs: list[int], nodes: list[int] | None = None,
+                   flags: int = 0) -> list[int]:
+        """move_pages(2) for this process: per page, its node (``nodes`` None) or the result."""
+        from .libc import libc_move_pages
+        return libc_move_pages(addrs, nodes, flags)
+
     @abc.abstractmethod
     def read(self, fd: int, count: int) -> bytes: ...
 

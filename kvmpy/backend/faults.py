@@ -331,6 +331,13 @@ class FaultBackend(Backend):
     def mprotect(self, addr: int, length: int, prot: int) -> None:
         self.inner.mprotect(addr, length, prot)
 
+    def mbind(self, addr: int, length: int, mode: int, nodemask: int, flags: int = 0) -> None:
+        self.inner.mbind(addr, length, mode, nodemask, flags)
+
+    def move_pages(self, addrs: list[int], nodes: list[int] | None = None,
+                   flags: int = 0) -> list[int]:
+        return self.inner.move_pages(addrs, nodes, flags)
+
     def read(self, fd: int, count: int) -> bytes:
         return self.inner.read(fd, count)
 

@@ -60,6 +60,8 @@ MADV_COLLAPSE = 25
 MADV_HWPOISON = 100
 MAP_SHARED = 0x01
 
+_MPOL_MF_MOVE_ANY = 1 << 1 | 1 << 2   # MPOL_MF_MOVE | MPOL_MF_MOVE_ALL (uapi/linux/mempolicy.h)
+
 
 @dataclass
 class EmuVcpuFd:
@@ -392,6 +394,34 @@ class EmuBackend(Backend):
             raise OSError(errno.EACCES, "mprotect(PROT_EXEC) of a guest_memfd mapping "
                           "(noexec mount)")
         super().mprotect(addr, length, prot)
+
+    def _in_gmem_map(self, addr: int, end: int) -> bool:
+        return any(s < end and addr < e for s, e, _, _ in self._gmem_maps)
+
+    def mbind(self, addr: int, length: int, mode: int, nodemask: int, flags: int = 0) -> None:
+        if flags & _MPOL_MF_MOVE_ANY and self._in_gmem_map(addr, addr + _page_up(length)):
+            # The policy lands on the contents memfd as on the guest_memfd, but its folios must
+            # not move: 7.3 kvm_gmem_migrate_folio() fails every migration (-EINVAL), which
+            # do_mbind() counts as failed pages (-EIO with MPOL_MF_STRICT). Without the move
+            # flags the kernel sets the policy and, with STRICT, reports misplaced pages the same.
+            flags &= ~_MPOL_MF_MOVE_ANY
+        super().mbind(addr, length, mode, nodemask, flags)
+
+    def move_pages(self, addrs: list[int], nodes: list[int] | None = None,
+                   flags: int = 0) -> list[int]:
+        if nodes is None or not any(self._in_gmem_map(a, a + 1) for a in addrs):
+            return super().move_pages(addrs, nodes, flags)
+        # mm/migrate.c do_pages_move(): a page already on its target node reports that node;
+        # a guest_memfd page elsewhere fails migrate_pages() (kvm_gmem_migrate_folio()), its
+        # status is left as the caller passed it (0) and it stays where it is.
+        where = super().move_pages(addrs)
+        out: list[int] = []
+        for a, node, now in zip(addrs, nodes, where, strict=True):
+            if not self._in_gmem_map(a, a + 1):
+                out.append(super().move_pages([a], [node], flags)[0])
+            else:
+                out.append(node if now == node else 0)
+        return out
 
     def _rw_refused(self, fd: int, positioned: bool) -> None:
         """KVM files have no read/write methods (EINVAL); a guest_memfd is also not
