@@ -70,6 +70,10 @@ CASES: dict[str, str] = {
     # A branch to a non-canonical address faults on the branch: #GP(0), RIP = the jump.
     "jmp_noncanonical": "mov rax, 0x800000000000\njmp rax",
     "ret_noncanonical": "mov rax, 0x800000000000\npush rax\nret",
+    "ret_imm_noncanonical": "push 0\nmov rax, 0xFFFF7FFFFFFFF000\npush rax\nret 8",
+    "call_noncanonical": "mov r8, 0x800000000000\ncall r8",
+    "jmp_mem_noncanonical": ("mov rax, 0xFFFF000000000000\npush rax\nnop\nnop\n"
+                             "jmp qword ptr [rsp]"),
     # Unknown MSRs: kvm_get_msr_common()/kvm_set_msr_common() default -> #GP(0).
     "rdmsr_unknown": "mov ecx, 0x12345\nrdmsr",
     "wrmsr_unknown": "mov ecx, 0x12345\nxor eax, eax\nxor edx, edx\nwrmsr",
@@ -85,15 +89,7 @@ CASES: dict[str, str] = {
 }
 
 
-# Not fixed: unicorn (QEMU TCG) checks canonicality when it fetches the target, so the
-# emulator's #GP frame has the target as RIP; the branch's own address is not known then.
-_OPEN = {"jmp_noncanonical", "ret_noncanonical"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 11 item 12: a branch "
-                                            "to a non-canonical address reports the target"))
-    if n in _OPEN else n for n in sorted(CASES)])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_fault_matches_real_kvm(name: str) -> None:
     src = CASES[name] + "\n" + _REPORT
     kvm_t, emu_t = differential(src, _body, idt=_IDT)

@@ -85,6 +85,7 @@ class VcpuCpuState:
     _mp_state: int
     _pending_event: Any
     _rf_possible: bool
+    trace: E.BlockTrace
 
     # ================================================================ registers
     def _get_regs(self) -> kvm_regs:
@@ -99,6 +100,7 @@ class VcpuCpuState:
             # Userspace redirects the vCPU, perhaps to code it just (re)wrote through its own
             # mapping; unicorn does not see host writes to translated code, so start afresh.
             self.phys.flush_needed = True
+            self.trace.forget()
         self.regs.write_gprs(vals)
         self._pending_event = None
 

@@ -83,6 +83,7 @@ class VcpuExits(VcpuCpuState):
     _plain_in: dict[int, bool]
     _pf_retry: tuple[int, int] | None
     _fix_exception: bool
+    trace: E.BlockTrace
 
     # ---------------------------------------------------------------- exits
     def _exit(self, reason: int) -> int:
@@ -344,6 +345,58 @@ class VcpuExits(VcpuCpuState):
         return None
 
     # ---------------------------------------------------------------- exceptions
+    def _noncanonical_branch(self, target: int) -> Event | None:
+        """#GP(0) on the branch that jumped to non-canonical ``target`` (SDM Vol. 1 3.3.7.1: a
+        near JMP/Jcc/CALL/RET/LOOP whose target is not canonical faults, not retired; KVM runs
+        the guest on the CPU or in em_jmp_abs()/em_call_near_abs()/em_ret() ->
+        assign_eip() -> emulate_gp(ctxt, 0)). Unicorn retired the branch and faulted on the
+        fetch, so the branch is found in the last translation block run (engine.BlockTrace)
+        and its effect undone: RSP for CALL/RET, RCX for LOOP. None if that block does not
+        end in such a branch (the fault is then reported at the target, as unicorn has it)."""
+        last = self.trace.last()
+        if last is None:
+            return None
+        start, size = last
+        try:
+            code = self._read_virt(start, size)
+        except (GuestFault, PhysFault):
+            return None
+        starts = E.insn_starts(code)
+        if not starts:
+            return None
+        off = starts[-1]
+        insn = code[off:]
+        i = 0
+        while i < len(insn) - 1 and insn[i] in PREFIXES:
+            if insn[i] in (0x66, 0x67):
+                return None         # 16-bit operand / 32-bit address forms: not modelled
+            i += 1
+        if 0x40 <= insn[i] <= 0x4F:
+            i += 1
+        op = insn[i:i + 3]
+        rsp_undo, rcx_undo = 0, 0
+        if op[:1] == b"\xc3":                                          # RET
+            rsp_undo = -8
+        elif op[:1] == b"\xc2" and len(op) == 3:                       # RET imm16
+            rsp_undo = -8 - int.from_bytes(op[1:3], "little")
+        elif op[:1] == b"\xe8" or (op[:1] == b"\xff" and len(op) > 1
+                                   and (op[1] >> 3) & 7 == 2):          # CALL rel32 / r/m64
+            rsp_undo = 8
+        elif op[:1] in (b"\xe0", b"\xe1", b"\xe2"):                     # LOOPcc, LOOP
+            rcx_undo = 1
+        elif not (op[:1] in (b"\xe9", b"\xeb", b"\xe3") or 0x70 <= op[0] <= 0x7F
+                  or (op[:1] == b"\x0f" and len(op) > 1 and 0x80 <= op[1] <= 0x8F)
+                  or (op[:1] == b"\xff" and len(op) > 1 and (op[1] >> 3) & 7 == 4)):
+            return None                         # not a near branch (IRETQ, far, ...)
+        rip = start + off
+        regs = self.regs
+        regs.write(X.UC_X86_REG_RIP, rip)
+        if rsp_undo:
+            regs.write(X.UC_X86_REG_RSP, regs.read(X.UC_X86_REG_RSP) + rsp_undo)
+        if rcx_undo:
+            regs.write(X.UC_X86_REG_RCX, regs.read(X.UC_X86_REG_RCX) + rcx_undo)
+        return Event(13, 0, False, rip, rip)
+
     def _spurious_pf(self, rip: int, cr2: int, code: int) -> bool:
         """Unicorn walks page tables in physical memory without hooks, so a page-table page in
         a memslot not mapped into the engine yet looks not-present to it. Walk again through
@@ -372,6 +425,7 @@ class VcpuExits(VcpuCpuState):
                       self._paging(), cr2)
         self._fix_exception = True
         self._rf_possible = True
+        self.trace.forget()
         try:
             deliver(st, ev, self.phys.read, self.phys.write)
         except TripleFault:

@@ -64,7 +64,7 @@ from .gmem import poison_epoch, sync_poison
 from .sigwatch import SignalWatch
 from .x86 import engine as E
 from .x86.events import HAS_ERROR_CODE, Event
-from .x86.paging import GuestFault
+from .x86.paging import GuestFault, canonical
 from .x86.physmem import PhysFault, PhysMap
 from .x86.sched import scheduler_for
 
@@ -97,6 +97,7 @@ class EmuVcpu(VcpuExits):
         self.uc = E.new_engine()
         self.regs = E.FastRegs(self.uc)
         self._counter = E.counter(self.uc)
+        self.trace = E.BlockTrace(self.uc)
         self.phys = PhysMap(self.uc, vm)
         self.sched = scheduler_for(vm)
         self._ioctl_lock = threading.RLock()
@@ -511,6 +512,10 @@ class EmuVcpu(VcpuExits):
                 return self._intercepted(vec - E.EXCP_VMEXIT, code, rip)
             if vec == 14 and not is_int and self._spurious_pf(rip, cr2, code):
                 return None
+            if vec == 13 and not is_int and not canonical(rip):
+                branch = self._noncanonical_branch(rip)
+                if branch is not None:
+                    return self._deliver(branch)
             return self._deliver(Event(vec, code if vec in HAS_ERROR_CODE and not is_int
                                        else None, is_int, rip, next_eip if is_int else rip,
                                        cr2 if vec == 14 else None))

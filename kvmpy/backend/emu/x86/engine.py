@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+import threading
 from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, unicorn_const
@@ -240,3 +241,108 @@ def enable_intercepts(uc: Any) -> None:
     ctypes.memmove(a + CTX_INTERCEPT_CR_WRITE, struct.pack("<H", (1 << 0) | (1 << 4)), 2)
     uc.context_restore(ctx)
     uc._kvmpy_intercepts = True
+
+
+# --- The last translation block run (issue 11 item 12: non-canonical branch targets) ----------
+# QEMU 5.0's TCG does not check a branch target for canonicality: the branch retires and the
+# *fetch* at the target raises #GP(0) with RIP = the target. A CPU faults on the branch itself,
+# not retired. To find the branch, a native UC_HOOK_BLOCK callback records the start and byte
+# size of every translation block as it runs (a TB is straight-line code ending at its branch):
+# a Python callback costs ~1 us per block, this one a store (no measurable change on a memory
+# loop). It is three x86-64 instructions in an executable page, for the SysV ABI's
+# uc_cb_hookcode_t(uc = rdi, address = rsi, size = edx, user_data = rcx):
+#   mov [rcx], rsi; mov [rcx+8], edx; ret
+_BLOCK_STUB = bytes.fromhex("488931" "895108" "c3")
+_stub_addr = 0
+
+
+def _block_stub() -> int:
+    global _stub_addr
+    if not _stub_addr:
+        import mmap
+
+        from ...libc import libc_mmap, libc_mprotect
+
+        page = libc_mmap(0, 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        ctypes.memmove(page, _BLOCK_STUB, len(_BLOCK_STUB))
+        libc_mprotect(page, 4096, mmap.PROT_READ | mmap.PROT_EXEC)    # W^X
+        _stub_addr = page
+    return _stub_addr
+
+
+class BlockTrace:
+    """``start``/``size`` of the translation block the engine entered last (see above).
+    None on a host whose ABI the stub does not fit (not x86-64): then branches to
+    non-canonical targets are reported at the target, as unicorn does."""
+
+    def __init__(self, uc: Any) -> None:
+        import platform
+
+        from unicorn import UC_HOOK_BLOCK
+        from unicorn.unicorn_py3.unicorn import uclib
+
+        self._slot = (ctypes.c_uint64 * 2)()
+        self.enabled = platform.machine() in ("x86_64", "AMD64")
+        if not self.enabled:
+            return
+        h = ctypes.c_size_t()
+        err = uclib.uc_hook_add(uc._uch, ctypes.byref(h), UC_HOOK_BLOCK,
+                                ctypes.c_void_p(_block_stub()),
+                                ctypes.c_void_p(ctypes.addressof(self._slot)),
+                                ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise OSError(errno.ENOSYS, f"emulated KVM: unicorn block hook failed ({err})")
+
+    def last(self) -> tuple[int, int] | None:
+        """(start, size) of the last block entered since forget(), or None."""
+        start, size = self._slot[0], self._slot[1] & 0xFFFF_FFFF
+        return (int(start), int(size)) if self.enabled and size else None
+
+    def forget(self) -> None:
+        """RIP was moved by the emulator or userspace: the last block is not the way here."""
+        self._slot[1] = 0
+
+
+_scratch_uc: Any = None
+_scratch_lock = threading.Lock()
+_SCRATCH, _SCRATCH_SIZE = 0x10000, 4 * 4096     # a TB spans at most two pages
+
+
+def insn_starts(code: bytes) -> list[int]:
+    """Offsets of the instructions of straight-line 64-bit ``code`` (a translation block's
+    bytes), found by letting a scratch engine decode one instruction at a time (a code hook
+    sees each instruction's length before it runs; what it does in the scratch engine does
+    not matter)."""
+    global _scratch_uc
+    from unicorn import UC_HOOK_CODE
+
+    code = code[:_SCRATCH_SIZE - 16]
+    with _scratch_lock:
+        if _scratch_uc is None:
+            _scratch_uc = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
+            _scratch_uc.mem_map(_SCRATCH, _SCRATCH_SIZE, 7)
+        return _decode(_scratch_uc, code, UC_HOOK_CODE)
+
+
+def _decode(uc: Any, code: bytes, hook_code: int) -> list[int]:
+    uc.mem_write(_SCRATCH, code.ljust(_SCRATCH_SIZE, b"\x90"))
+    uc.ctl_flush_tb()
+    seen: list[int] = []
+    h = uc.hook_add(hook_code, lambda _u, _a, n, _d: seen.append(n) if not seen else None)
+    try:
+        out: list[int] = []
+        pos = 0
+        while pos < len(code):
+            seen.clear()
+            try:
+                uc.emu_start(_SCRATCH + pos, 0, 0, 1)
+            except UcError:
+                pass
+            if not seen:
+                break
+            out.append(pos)
+            pos += seen[0]
+        return out
+    finally:
+        uc.hook_del(h)
