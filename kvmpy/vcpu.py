@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import errno
 import threading
+from collections import abc as _abc
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._call import checked_ioctl, errno_ioctl, pack
@@ -25,6 +27,7 @@ from .uapi import (
     kvm_run,
     kvm_sregs,
     make_cpuid2,
+    make_msrs,
 )
 
 if TYPE_CHECKING:
@@ -312,6 +315,38 @@ class Vcpu(FdObject):
         self._ioctl(Ioctl.KVM_SET_MP_STATE,
                     pack(Ioctl.KVM_SET_MP_STATE, kvm_mp_state, mp_state=int(state)))
 
+    # --- MSRs (api.rst 4.18 KVM_GET_MSRS / KVM_SET_MSRS) --------------------------------------
+    def get_msrs(self, indices: Sequence[int]) -> list[int]:
+        """KVM_GET_MSRS for ``indices``; their values in order. The kernel processes entries
+        until the first one it does not support and returns that count (x86.c msr_io()):
+        fewer than all raises KvmError(EINVAL) naming the first unprocessed index."""
+        buf = _msr_buf(indices)
+        err, n = self.try_get_msrs(buf)
+        _msr_check("KVM_GET_MSRS", err, n, buf, None)
+        return [int(buf.entries[i].data) for i in range(len(indices))]
+
+    def set_msrs(self, values: _abc.Mapping[int, int] | Sequence[tuple[int, int]]) -> None:
+        """KVM_SET_MSRS of (index, value) pairs, in order; all must be accepted (see
+        get_msrs), else KvmError(EINVAL) naming the first refused index."""
+        pairs = list(values.items()) if isinstance(values, _abc.Mapping) else list(values)
+        buf = _msr_buf([i for i, _ in pairs], [v for _, v in pairs])
+        err, n = self.try_set_msrs(buf)
+        _msr_check("KVM_SET_MSRS", err, n, buf, pairs)
+
+    def try_get_msrs(self, buf: Any) -> tuple[Errno, int]:
+        """One KVM_GET_MSRS on a :func:`kvmpy.uapi.make_msrs` buffer (data filled in place):
+        (errno, number of entries processed)."""
+        with self._use("KVM_GET_MSRS") as fd:
+            err, n = errno_ioctl(self.backend, fd, Ioctl.KVM_GET_MSRS, buf)
+        return err, max(n, 0)
+
+    def try_set_msrs(self, buf: Any) -> tuple[Errno, int]:
+        """One KVM_SET_MSRS of a :func:`kvmpy.uapi.make_msrs` buffer: (errno, number of
+        entries processed)."""
+        with self._use("KVM_SET_MSRS") as fd:
+            err, n = errno_ioctl(self.backend, fd, Ioctl.KVM_SET_MSRS, buf)
+        return err, max(n, 0)
+
     # --- pre-fault ------------------------------------------------------------------------
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> kvm_pre_fault_memory:
         """KVM_PRE_FAULT_MEMORY until the range is done, retrying EINTR/EAGAIN (api.rst 4.143).
@@ -355,6 +390,26 @@ class Vcpu(FdObject):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _msr_buf(indices: Sequence[int], values: Sequence[int] | None = None) -> Any:
+    buf = make_msrs(len(indices))
+    for i, idx in enumerate(indices):
+        buf.entries[i].index = idx
+        if values is not None:
+            buf.entries[i].data = values[i]
+    return buf
+
+
+def _msr_check(call: str, err: int, n: int, buf: Any, pairs: list[tuple[int, int]] | None
+               ) -> None:
+    if err:
+        raise KvmError(err, call, f"{buf.nmsrs} MSRs")
+    if n < buf.nmsrs:
+        idx = int(buf.entries[n].index)
+        what = f"={pairs[n][1]:#x}" if pairs is not None else ""
+        raise KvmError(errno.EINVAL, call, f"processed {n} of {buf.nmsrs}: MSR {idx:#x}{what} "
+                       "not supported")
 
 
 def rip_of(vcpu: Vcpu) -> int:

@@ -21,6 +21,8 @@ SIZES = {
     "kvm_cpuid2": 8,
     "kvm_cpuid_entry2": 40,
     "kvm_mp_state": 4,
+    "kvm_msrs": 8,
+    "kvm_msr_entry": 16,
     "kvm_run": 2352,
 }
 
@@ -101,7 +103,7 @@ IOCTLS = {
     "KVM_SET_CPUID2": 0x4008AE90, "KVM_GET_MP_STATE": 0x8004AE98,
     "KVM_SET_MP_STATE": 0x4004AE99, "KVM_ENABLE_CAP": 0x4068AEA3, "KVM_GET_STATS_FD": 0xAECE,
     "KVM_SET_MEMORY_ATTRIBUTES": 0x4020AED2, "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
-    "KVM_PRE_FAULT_MEMORY": 0xC040AED5,
+    "KVM_PRE_FAULT_MEMORY": 0xC040AED5, "KVM_GET_MSRS": 0xC008AE88, "KVM_SET_MSRS": 0x4008AE89,
 }
 
 

@@ -3,6 +3,6 @@
 from .constants import *  # noqa: F403
 from .ioctls import Ioctl
 from .structs import *  # noqa: F403
-from .structs import KvmStruct, make_cpuid2
+from .structs import KvmStruct, make_cpuid2, make_msrs
 
-__all__ = ["Ioctl", "KvmStruct", "make_cpuid2"]
+__all__ = ["Ioctl", "KvmStruct", "make_cpuid2", "make_msrs"]

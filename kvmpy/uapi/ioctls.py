@@ -46,6 +46,8 @@ class Ioctl(enum.IntEnum):
     KVM_SET_REGS = IOW(KVMIO, 0x82, s.kvm_regs)
     KVM_GET_SREGS = IOR(KVMIO, 0x83, s.kvm_sregs)
     KVM_SET_SREGS = IOW(KVMIO, 0x84, s.kvm_sregs)
+    KVM_GET_MSRS = IOWR(KVMIO, 0x88, s.kvm_msrs)
+    KVM_SET_MSRS = IOW(KVMIO, 0x89, s.kvm_msrs)
     KVM_SET_SIGNAL_MASK = IOW(KVMIO, 0x8B, s.kvm_signal_mask)
     KVM_SET_CPUID2 = IOW(KVMIO, 0x90, s.kvm_cpuid2)
     KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, s.kvm_cpuid2)

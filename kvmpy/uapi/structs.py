@@ -265,6 +265,31 @@ def make_cpuid2(nent: int) -> Any:
     return buf
 
 
+class kvm_msr_entry(KvmStruct):
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+class kvm_msrs(KvmStruct):
+    """Header only; use :func:`make_msrs` for a buffer with room for entries."""
+
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+
+
+def make_msrs(nmsrs: int) -> Any:
+    """A kvm_msrs with a flexible array of ``nmsrs`` kvm_msr_entry (KVM_GET/SET_MSRS)."""
+
+    class kvm_msrs_n(KvmStruct):
+        _fields_ = [
+            ("nmsrs", c_uint32),
+            ("pad", c_uint32),
+            ("entries", kvm_msr_entry * nmsrs),
+        ]
+
+    buf = kvm_msrs_n()
+    buf.nmsrs = nmsrs
+    return buf
+
+
 class kvm_signal_mask(KvmStruct):
     """Header only (``__u8 sigset[0]`` follows); see kvm_signal_mask_x86."""
 

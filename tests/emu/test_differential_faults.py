@@ -79,6 +79,11 @@ CASES: dict[str, str] = {
     "wrmsr_unknown": "mov ecx, 0x12345\nxor eax, eax\nxor edx, edx\nwrmsr",
     # EFER reserved bit (kvm_valid_efer()/__kvm_valid_efer()).
     "wrmsr_efer_reserved": "mov ecx, 0xC0000080\nrdmsr\nbts eax, 2\nwrmsr",
+    # APIC_BASE reads as the vCPU's (kvm_get_msr_common()), TSC_AUX with RDTSCP in CPUID.
+    "rdmsr_apic_base_tsc_aux": ("mov ecx, 0x1B\nrdmsr\nmov rbx, rax\nmov ecx, 0xC0000103\n"
+                                "mov eax, 7\nxor edx, edx\nwrmsr\nrdmsr\nmov rsi, rax"),
+    # kvm_apic_set_base(): EXTD without EN is an invalid mode -> #GP.
+    "wrmsr_apic_base_invalid": "mov ecx, 0x1B\nmov eax, 0xFEE00500\nxor edx, edx\nwrmsr",
     # Modelled MSRs read and write without a fault.
     "msr_known": ("mov ecx, 0xC0000081\nmov eax, 0x1234\nmov edx, 0x00230010\nwrmsr\n"
                   "mov ecx, 0xC0000082\nmov eax, 0x5000\nxor edx, edx\nwrmsr\n"

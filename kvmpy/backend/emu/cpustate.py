@@ -24,26 +24,46 @@ MASK64 = (1 << 64) - 1
 HDR, ENT = ctypes.sizeof(kvm_cpuid2), ctypes.sizeof(kvm_cpuid_entry2)   # kvm_cpuid2 + entries[]
 KVM_MAX_CPUID_ENTRIES = 256
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
-HDR, ENT = ctypes.sizeof(kvm_cpuid2), ctypes.sizeof(kvm_cpuid_entry2)   # kvm_cpuid2 + entries[]
 
 CR0_PE, CR0_TS, CR0_ET, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 3, 1 << 4, 1 << 29, 1 << 30, 1 << 31
 CR4_PAE, CR4_LA57, CR4_PCIDE = 1 << 5, 1 << 12, 1 << 17
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 # MSRs the emulated vCPU answers (arch/x86/include/asm/msr-index.h); every other RDMSR/WRMSR is
-# #GP(0). TSC, SYSENTER_CS/ESP/EIP, PAT, EFER, STAR, LSTAR, CSTAR, SFMASK, FS/GS/KERNEL_GS base,
-# TSC_AUX.
-MSR_STAR, MSR_LSTAR, MSR_SFMASK, MSR_PAT = 0xC0000081, 0xC0000082, 0xC0000084, 0x277
-MODELLED_MSRS = frozenset({0x10, 0x174, 0x175, 0x176, MSR_PAT, 0xC0000080, MSR_STAR, MSR_LSTAR,
-                           0xC0000083, MSR_SFMASK, 0xC0000100, 0xC0000101, 0xC0000102,
-                           0xC0000103})
-# kvm_set_msr_ignored_check() -> is_noncanonical_msr_address() for these.
-CANONICAL_MSRS = frozenset({0x175, 0x176, MSR_LSTAR, 0xC0000083, 0xC0000100, 0xC0000101,
-                            0xC0000102})
+# #GP(0) and stops a KVM_GET/SET_MSRS batch. MSR_IA32_TSC is guest-readable (unicorn reads it as
+# 0 and drops writes) but not offered to KVM_GET/SET_MSRS, whose callers expect a running clock.
+MSR_TSC, MSR_APIC_BASE = 0x10, 0x1B
+MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK, MSR_PAT = (0xC0000081, 0xC0000082, 0xC0000083,
+                                                       0xC0000084, 0x277)
+MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_TSC_AUX = (0xC0000100, 0xC0000101,
+                                                             0xC0000102, 0xC0000103)
+MODELLED_MSRS = frozenset({MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP,
+                           MSR_SYSENTER_EIP, MSR_PAT, 0xC0000080, MSR_STAR, MSR_LSTAR,
+                           MSR_CSTAR, MSR_SFMASK, MSR_FS_BASE, MSR_GS_BASE,
+                           MSR_KERNEL_GS_BASE, MSR_TSC_AUX})
+HOST_MSRS = MODELLED_MSRS - {MSR_TSC}
+# __kvm_set_msr(): a non-canonical value is refused for these (is_noncanonical_msr_address();
+# 48 bits: the emulated CPU has no LA57) ...
+CANONICAL_MSRS = frozenset({MSR_LSTAR, MSR_CSTAR, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE})
+# ... and made canonical for these (__canonical_address(data, max_host_virt_addr_bits())).
+CANONICALIZED_MSRS = frozenset({MSR_SYSENTER_ESP, MSR_SYSENTER_EIP})
+APIC_BASE_BSP, APIC_BASE_EXTD, APIC_BASE_EN = 1 << 8, 1 << 10, 1 << 11
+INTEL_VENDORS = ((0x756E6547, 0x6C65746E, 0x49656E69),      # GenuineIntel (ebx, ecx, edx)
+                 (0x746E6543, 0x736C7561, 0x48727561),      # CentaurHauls
+                 (0x68532020, 0x20206961, 0x68676E61))      # "  Shanghai  "
 
 
 def _canonical(va: int) -> bool:
     top = va >> 47
     return top in (0, (1 << 17) - 1)
+
+
+def _sign_extend48(v: int) -> int:
+    v &= (1 << 48) - 1
+    return v | (MASK64 ^ ((1 << 48) - 1)) if v >> 47 else v
+
+
+MAX_IO_MSRS = 256
 RFLAGS_FIXED = 0x2
 RFLAGS_RF = 1 << 16
 
@@ -127,6 +147,127 @@ class VcpuCpuState:
         tr = uc.reg_read(X.UC_X86_REG_TR)
         s.tr.selector, s.tr.base, s.tr.limit = tr[0], tr[1], tr[2]
         return s
+
+    # ================================================================ MSRs
+    def msr_get(self, idx: int, host: bool) -> int | None:
+        """kvm_get_msr_common()/svm_get_msr() for the modelled MSRs; None = unsupported (the
+        caller's #GP(0), or the end of a KVM_GET_MSRS batch). ``host``: KVM_GET_MSRS."""
+        if idx not in (HOST_MSRS if host else MODELLED_MSRS):
+            return None
+        if idx == MSR_TSC_AUX and not host and not self._has_tsc_aux():
+            return None
+        if idx == MSR_APIC_BASE:
+            return int(self._sregs.apic_base)
+        if self._mode_problem is not None:
+            # The engine is not loaded: EFER and the FS/GS bases live in the stored sregs.
+            if idx == E.MSR_EFER:
+                return int(self._sregs.efer)
+            if idx in (MSR_FS_BASE, MSR_GS_BASE):
+                return int((self._sregs.fs if idx == MSR_FS_BASE else self._sregs.gs).base)
+        return E.read_msr(self.uc, idx)
+
+    def msr_set(self, idx: int, v: int, host: bool) -> bool:
+        """__kvm_set_msr() -> kvm_set_msr_common()/svm_set_msr() for the modelled MSRs: False
+        where KVM returns non-zero (#GP(0) for the guest, the end of a KVM_SET_MSRS batch)."""
+        if idx not in (HOST_MSRS if host else MODELLED_MSRS):
+            return False
+        uc = self.uc
+        if idx == E.MSR_EFER:
+            old = self.msr_get(idx, True) or 0
+            # set_efer(): efer_reserved_bits always (SCE, LME, LMA, NX: the emulated host's);
+            # for the guest also __kvm_valid_efer() (NX needs CPUID NX) and no LME change while
+            # paging. LMA is the vCPU's, whatever was written.
+            allowed = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
+            if not host and not self._cpuid_bit(0x80000001, "edx", 20):
+                allowed &= ~EFER_NXE
+            if v & ~allowed:
+                return False
+            if not host and (v ^ old) & EFER_LME and self._cr0() & CR0_PG:
+                return False
+            v = (v & ~EFER_LMA) | (old & EFER_LMA)
+            if self._mode_problem is not None:
+                self._sregs.efer = v
+            else:
+                E.write_msr(uc, idx, v)
+                self.phys.flush_needed = True       # NX changes what the TBs may do
+            return True
+        if idx in CANONICAL_MSRS and not _canonical(v):
+            return False
+        if idx in CANONICALIZED_MSRS:
+            v = _sign_extend48(v)
+        if idx == MSR_PAT and any((v >> (8 * i)) & 0xFF not in (0, 1, 4, 5, 6, 7)
+                                  for i in range(8)):
+            return False                # kvm_pat_valid()
+        if idx == MSR_TSC_AUX:
+            # Needs RDTSCP/RDPID for the guest; bits 63:32 are reserved for an Intel-compatible
+            # guest CPUID, else dropped.
+            if not host and not self._has_tsc_aux():
+                return False
+            if v >> 32 and self._intel_compatible():
+                return False
+            v &= 0xFFFF_FFFF
+        if idx == MSR_APIC_BASE:
+            return self._set_apic_base(v, host)
+        if self._mode_problem is not None and idx in (MSR_FS_BASE, MSR_GS_BASE):
+            (self._sregs.fs if idx == MSR_FS_BASE else self._sregs.gs).base = v
+            return True
+        E.write_msr(uc, idx, v)
+        return True
+
+    def _set_apic_base(self, v: int, host: bool) -> bool:
+        """kvm_apic_set_base() (lapic.c): reserved bits (MAXPHYADDR, 0x2ff, EXTD without CPUID
+        x2APIC) and the invalid mode EXTD without EN refused; the guest may not go x2APIC ->
+        xAPIC or disabled -> x2APIC."""
+        rsvd = ((MASK64 << self._maxphyaddr()) & MASK64) | 0x2FF | (
+            0 if self._cpuid_bit(1, "ecx", 21) else APIC_BASE_EXTD)
+        mode = v & (APIC_BASE_EN | APIC_BASE_EXTD)
+        if v & rsvd or mode == APIC_BASE_EXTD:
+            return False
+        old = self._sregs.apic_base & (APIC_BASE_EN | APIC_BASE_EXTD)
+        x2 = APIC_BASE_EN | APIC_BASE_EXTD
+        if not host and ((old == x2 and mode == APIC_BASE_EN) or (old == 0 and mode == x2)):
+            return False
+        self._sregs.apic_base = v
+        return True
+
+    def _cr0(self) -> int:
+        if self._mode_problem is not None:
+            return int(self._sregs.cr0)
+        return int(self.uc.reg_read(X.UC_X86_REG_CR0))
+
+    def _has_tsc_aux(self) -> bool:
+        return self._cpuid_bit(0x80000001, "edx", 27) or self._cpuid_bit(7, "ecx", 22)
+
+    def _intel_compatible(self) -> bool:
+        """guest_cpuid_is_intel_compatible(): the guest CPUID vendor (leaf 0)."""
+        e = self._find_cpuid(0, 0)
+        return e is not None and (e.ebx, e.ecx, e.edx) in INTEL_VENDORS
+
+    def _msr_io(self, arg: int, write: bool) -> int:
+        """KVM_GET_MSRS / KVM_SET_MSRS: msr_io() and __msr_io() (arch/x86/kvm/x86.c): E2BIG for
+        nmsrs >= MAX_IO_MSRS, then each entry in turn until the first one that fails; returns
+        how many were processed. A failed read zeroes that entry's data
+        (kvm_do_msr_access()); KVM_GET_MSRS copies all entries back."""
+        nmsrs = struct.unpack("<I", copy_from_user(arg, 4))[0]
+        if nmsrs >= MAX_IO_MSRS:
+            raise OSError(errno.E2BIG, f"{'KVM_SET_MSRS' if write else 'KVM_GET_MSRS'}: "
+                          f"nmsrs {nmsrs} >= {MAX_IO_MSRS}")
+        raw = bytearray(copy_from_user(arg + 8, 16 * nmsrs))
+        done = 0
+        for i in range(nmsrs):
+            idx, _, data = struct.unpack_from("<IIQ", raw, 16 * i)
+            if write:
+                if not self.msr_set(idx, data, True):
+                    break
+            else:
+                v = self.msr_get(idx, True)
+                struct.pack_into("<Q", raw, 16 * i + 8, 0 if v is None else v)
+                if v is None:
+                    break
+            done += 1
+        if not write:
+            copy_to_user(arg + 8, bytes(raw))
+        return done
 
     def _cpuid_bit(self, leaf: int, reg: str, bit: int) -> bool:
         e = self._find_cpuid(leaf, 0)

@@ -24,7 +24,6 @@ from ...uapi import (
 )
 from ..libc import libc
 from .cpustate import (
-    CANONICAL_MSRS,
     CR0_CD,
     CR0_ET,
     CR0_NW,
@@ -37,19 +36,14 @@ from .cpustate import (
     CR4_PAE,
     CR4_PCIDE,
     EFER_LMA,
-    EFER_LME,
-    EFER_NXE,
     EFER_SCE,
     MASK64,
-    MODELLED_MSRS,
     MSR_LSTAR,
-    MSR_PAT,
     MSR_SFMASK,
     MSR_STAR,
     RFLAGS_FIXED,
     RFLAGS_RF,
     VcpuCpuState,
-    _canonical,
 )
 from .x86 import engine as E
 from .x86.events import CpuState, Event, TripleFault, deliver
@@ -312,35 +306,21 @@ class VcpuExits(VcpuCpuState):
         return None
 
     def _msr(self, rip: int, write: bool) -> int | None:
-        """RDMSR/WRMSR: the MSRs in MODELLED_MSRS with kvm_set_msr_common()'s checks, #GP(0) for
-        every other index (kvm_get_msr_common()/kvm_set_msr_common() default path, without
-        ignore_msrs)."""
+        """RDMSR/WRMSR: the MSRs in MODELLED_MSRS with kvm_set_msr_common()'s checks
+        (VcpuCpuState.msr_get/msr_set), #GP(0) for every other index
+        (kvm_get_msr_common()/kvm_set_msr_common() default path, without ignore_msrs)."""
         uc = self.uc
         idx, eax, edx = (uc.reg_read(r) & 0xFFFF_FFFF for r in
                          (X.UC_X86_REG_RCX, X.UC_X86_REG_RAX, X.UC_X86_REG_RDX))
-        if idx not in MODELLED_MSRS:
-            return self._gp(rip)
         if not write:
-            v = E.read_msr(uc, idx)
+            v = self.msr_get(idx, False)
+            if v is None:
+                return self._gp(rip)
             uc.reg_write_batch([(X.UC_X86_REG_RAX, v & 0xFFFF_FFFF),
                                 (X.UC_X86_REG_RDX, v >> 32), (X.UC_X86_REG_RIP, rip + 2)])
             return None
-        v = edx << 32 | eax
-        if idx == E.MSR_EFER:
-            old = E.read_msr(uc, idx)
-            # __kvm_valid_efer()/efer_reserved_bits: SCE, LME, LMA, NX (with CPUID NX);
-            # set_efer(): LME cannot change while paging; LMA is kept (read-only).
-            allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NXE if self._cpuid_bit(
-                0x80000001, "edx", 20) else 0)
-            if v & ~allowed or ((v ^ old) & EFER_LME and uc.reg_read(X.UC_X86_REG_CR0) & CR0_PG):
-                return self._gp(rip)
-            v = (v & ~EFER_LMA) | (old & EFER_LMA)
-        elif idx in CANONICAL_MSRS and not _canonical(v):
-            return self._gp(rip)        # is_noncanonical_msr_address()
-        elif idx == MSR_PAT and any((v >> (8 * i)) & 0xFF not in (0, 1, 4, 5, 6, 7)
-                                    for i in range(8)):
-            return self._gp(rip)        # kvm_pat_valid()
-        E.write_msr(uc, idx, v)
+        if not self.msr_set(idx, edx << 32 | eax, False):
+            return self._gp(rip)
         self.regs.write(X.UC_X86_REG_RIP, rip + 2)
         return None
 

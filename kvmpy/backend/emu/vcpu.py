@@ -662,6 +662,8 @@ VCPU_IOCTLS: Table = check_table({
     R.KVM_GET_MP_STATE: Entry(kvm_mp_state, V._ioctl_get_mp_state),
     R.KVM_SET_MP_STATE: Entry(kvm_mp_state, lambda v, m: v._set_mp_state(m.mp_state)),
     R.KVM_ENABLE_CAP:   Entry(int, V._ioctl_enable_cap),
+    R.KVM_GET_MSRS:     Entry(Ptr, lambda v, a: v._msr_io(a, False)),
+    R.KVM_SET_MSRS:     Entry(Ptr, lambda v, a: v._msr_io(a, True)),
 })
 del V
 
