@@ -142,7 +142,7 @@ def test_memslot_validation_errnos(ekvm: Kvm) -> None:
         assert vm.try_set_user_memory_region(0, MemFlag.READONLY, GIB4, MB, h) == errno.EINVAL
         assert vm.try_set_user_memory_region(0, 0, GIB4, 2 * MB, h) == errno.EINVAL
         assert vm.try_set_user_memory_region(32764, 0, 0, 4096, h) == errno.EINVAL
-        assert vm.try_set_user_memory_region(1 << 16, 0, 0, 4096, h) == errno.EINVAL
+        assert vm.try_set_user_memory_region(2 << 16, 0, 0, 4096, h) == errno.EINVAL
         assert vm.try_set_user_memory_region(3, 0, 1 << 40, 4096, h) == errno.EINVAL
         assert vm.try_set_user_memory_region(3, 0, (1 << 40) - 4096, 4096, h) == 0
         assert vm.try_set_user_memory_region(4, G, 0, 4096, h) == errno.EINVAL    # v1

@@ -73,14 +73,17 @@ class RegionArgs:
 
 
 class MemslotTable:
-    """A VM's installed memslots by key (as_id << 16 | id), plus address space 0 sorted by gpa
-    for ``find``. Owned by the VM (vm.py ``EmuVm.memslots``); changed under the VM's lock."""
+    """A VM's installed memslots by key (as_id << 16 | id), plus each address space's slots
+    sorted by gpa (virt/kvm/kvm_main.c keeps one kvm_memslots per address space: overlap is
+    checked within one). ``find`` serves address space 0, the only one a vCPU outside SMM
+    uses (kvm_arch_vcpu_memslots_id()); the emulated vCPU never enters SMM. Owned by the VM
+    (vm.py ``EmuVm.memslots``); changed under the VM's lock."""
 
     def __init__(self) -> None:
         self._by_key: dict[int, EmuMemslot] = {}
-        # Address space 0, sorted by gpa, for find().
-        self._slots0: list[EmuMemslot] = []
-        self._starts0: list[int] = []
+        # Per address space: slots sorted by gpa and their start gpas.
+        self._sorted: dict[int, tuple[list[EmuMemslot], list[int]]] = {0: ([], [])}
+        self._slots0, self._starts0 = self._sorted[0]
 
     def get(self, key: int) -> EmuMemslot | None:
         return self._by_key.get(key)
@@ -108,32 +111,32 @@ class MemslotTable:
 
     def add(self, s: EmuMemslot) -> None:
         self._by_key[s.key] = s
-        if s.as_id == 0:
-            i = bisect.bisect_right(self._starts0, s.gpa)
-            self._starts0.insert(i, s.gpa)
-            self._slots0.insert(i, s)
+        slots, starts = self._sorted.setdefault(s.as_id, ([], []))
+        i = bisect.bisect_right(starts, s.gpa)
+        starts.insert(i, s.gpa)
+        slots.insert(i, s)
 
     def remove(self, s: EmuMemslot) -> None:
         del self._by_key[s.key]
         if s.gmem is not None:
             s.gmem.bindings.pop(s.key, None)
-        if s.as_id == 0:
-            i = bisect.bisect_left(self._starts0, s.gpa)
-            while self._slots0[i] is not s:
-                i += 1
-            del self._slots0[i]
-            del self._starts0[i]
+        slots, starts = self._sorted[s.as_id]
+        i = bisect.bisect_left(starts, s.gpa)
+        while slots[i] is not s:
+            i += 1
+        del slots[i]
+        del starts[i]
 
     def overlapping(self, as_id: int, sid: int, lo: int, hi: int) -> EmuMemslot | None:
-        """kvm_check_memslot_overlap(): a slot other than ``sid`` intersecting [lo, hi)."""
-        if as_id != 0:
-            return None            # only address space 0 exists (nr_address_spaces == 1)
+        """kvm_check_memslot_overlap(): a slot of address space ``as_id`` other than ``sid``
+        intersecting [lo, hi)."""
+        slots, starts = self._sorted.get(as_id, ([], []))
         # Slots are disjoint and sorted, so their ends are sorted too: walk down from the last
         # slot starting below hi while slots still end above lo.
-        i = bisect.bisect_left(self._starts0, hi) - 1
-        while i >= 0 and self._slots0[i].gpa + self._slots0[i].size > lo:
-            if self._slots0[i].slot != sid:
-                return self._slots0[i]
+        i = bisect.bisect_left(starts, hi) - 1
+        while i >= 0 and slots[i].gpa + slots[i].size > lo:
+            if slots[i].slot != sid:
+                return slots[i]
             i -= 1
         return None
 
@@ -205,7 +208,8 @@ def set_memory_region(vm: MemslotVm, r: RegionArgs, v2: bool) -> None:
         if old is None:
             raise _einval(f"deleting slot {sid}, which does not exist")
         vm.memslots.remove(old)
-        vm.invalidate(old.gpa, old.end)
+        if as_id == 0:
+            vm.invalidate(old.gpa, old.end)
         return
 
     if old is not None:
@@ -244,6 +248,8 @@ def set_memory_region(vm: MemslotVm, r: RegionArgs, v2: bool) -> None:
     vm.memslots.add(new)
     if gmem is not None:
         gmem.bindings[new.key] = new
+    if as_id != 0:
+        return          # no vCPU maps address space 1 (SMM is not entered): nothing to zap
     if old is not None and change == "move":
         vm.invalidate(old.gpa, old.end)
     vm.invalidate(new.gpa, new.end)

@@ -35,7 +35,8 @@ MODELLED_CAPS: frozenset[int] = frozenset({
     Cap.IMMEDIATE_EXIT, Cap.EXIT_HYPERCALL, Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO,
     Cap.MEMORY_ATTRIBUTES, Cap.GUEST_MEMFD, Cap.VM_TYPES, Cap.PRE_FAULT_MEMORY,
     Cap.GUEST_MEMFD_FLAGS, Cap.DISABLE_QUIRKS2,
-    # X86_SMM / MULTI_ADDRESS_SPACE: modelled as absent (one address space, no SMM).
+    # MULTI_ADDRESS_SPACE: memslots in address space 1 (memslots.py). X86_SMM: modelled as
+    # absent (0): the vCPU cannot enter SMM (docs/emulator.md, "What is NOT modelled").
     Cap.X86_SMM, Cap.MULTI_ADDRESS_SPACE,
 })
 
@@ -136,11 +137,14 @@ def _upstream() -> Profile:
     # kvm_supported_mem_attributes(): PRIVATE when kvm is NULL (/dev/kvm) or the VM has
     # private memory. INIT_SHARED is refused for VMs with private memory
     # (kvm_arch_supports_gmem_init_shared() is !kvm_arch_has_private_mem() on x86).
+    # KVM_CAP_MULTI_ADDRESS_SPACE (kvm_main.c, x86 with CONFIG_KVM_SMM): KVM_MAX_NR_ADDRESS_SPACES
+    # (2) on /dev/kvm, kvm_arch_nr_memslot_as_ids() on a VM: 1 with private memory, else 2.
     system: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: int(MemoryAttribute.PRIVATE),
-                              Cap.GUEST_MEMFD_FLAGS: both}
-    default_vm: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: 0, Cap.GUEST_MEMFD_FLAGS: both}
+                              Cap.GUEST_MEMFD_FLAGS: both, Cap.MULTI_ADDRESS_SPACE: 2}
+    default_vm: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: 0, Cap.GUEST_MEMFD_FLAGS: both,
+                                  Cap.MULTI_ADDRESS_SPACE: 2}
     sw_vm: dict[int, int] = {**base, Cap.MEMORY_ATTRIBUTES: int(MemoryAttribute.PRIVATE),
-             Cap.GUEST_MEMFD_FLAGS: int(GuestMemfdFlag.MMAP)}
+             Cap.GUEST_MEMFD_FLAGS: int(GuestMemfdFlag.MMAP), Cap.MULTI_ADDRESS_SPACE: 1}
     return Profile(
         name="upstream",
         description="upstream 6.18+ (SW_PROTECTED VMs, memory attributes, guest_memfd "

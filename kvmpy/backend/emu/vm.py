@@ -37,6 +37,7 @@ CAP_PRE_FAULT_MEMORY = int(Cap.PRE_FAULT_MEMORY)
 CAP_MAX_VCPUS = int(Cap.MAX_VCPUS)
 CAP_DISABLE_QUIRKS2 = int(Cap.DISABLE_QUIRKS2)
 EHWPOISON = 133  # include/uapi/asm-generic/errno.h
+CAP_MULTI_ADDRESS_SPACE = int(Cap.MULTI_ADDRESS_SPACE)
 
 
 class VcpuLike(Protocol):
@@ -57,8 +58,12 @@ class EmuVm:
     methods ``find_memslot``, ``is_private``, ``invalidate``.
     """
 
-    #: One address space: SMM (as_id 1) is not modelled (KVM_CAP_MULTI_ADDRESS_SPACE = 0).
-    nr_address_spaces = 1
+    @property
+    def nr_address_spaces(self) -> int:
+        """kvm_arch_nr_memslot_as_ids(): the profile's KVM_CAP_MULTI_ADDRESS_SPACE on this VM
+        (x86 with CONFIG_KVM_SMM: 2, or 1 for a VM with private memory); a kernel without
+        the capability has one address space."""
+        return max(1, self.profile.cap(CAP_MULTI_ADDRESS_SPACE, self.type))
 
     def __init__(self, vm_type: int, profile: Profile,
                  gmem_lookup: Callable[[int], EmuGmem | None]) -> None:
