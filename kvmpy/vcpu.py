@@ -347,6 +347,15 @@ class Vcpu(FdObject):
             err, n = errno_ioctl(self.backend, fd, Ioctl.KVM_SET_MSRS, buf)
         return err, max(n, 0)
 
+    # --- SMM ----------------------------------------------------------------------------------
+    def smi(self) -> None:
+        """KVM_SMI (api.rst 4.96): queue an SMI; the vCPU enters SMM on its next KVM_RUN."""
+        self._ioctl(Ioctl.KVM_SMI)
+
+    def try_smi(self) -> Errno:
+        """KVM_SMI returning the errno (ENOTTY on a kernel without SMM)."""
+        return self._try_ioctl(Ioctl.KVM_SMI)
+
     # --- pre-fault ------------------------------------------------------------------------
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> kvm_pre_fault_memory:
         """KVM_PRE_FAULT_MEMORY until the range is done, retrying EINTR/EAGAIN (api.rst 4.143).

@@ -53,6 +53,7 @@ class Ioctl(enum.IntEnum):
     KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, s.kvm_cpuid2)
     KVM_GET_MP_STATE = IOR(KVMIO, 0x98, s.kvm_mp_state)
     KVM_SET_MP_STATE = IOW(KVMIO, 0x99, s.kvm_mp_state)
+    KVM_SMI = IO(KVMIO, 0xB7)
     KVM_PRE_FAULT_MEMORY = IOWR(KVMIO, 0xD5, s.kvm_pre_fault_memory)
 
     @classmethod

@@ -8,11 +8,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from unicorn import x86_const as X
 
-from ...uapi import MpState, kvm_cpuid2, kvm_cpuid_entry2, kvm_regs, kvm_segment, kvm_sregs
+from ...uapi import Cap, MpState, kvm_cpuid2, kvm_cpuid_entry2, kvm_regs, kvm_segment, kvm_sregs
 from ..libc import copy_from_user, copy_to_user
 from .x86 import engine as E
 
@@ -42,6 +43,9 @@ MODELLED_MSRS = frozenset({MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER
                            MSR_CSTAR, MSR_SFMASK, MSR_FS_BASE, MSR_GS_BASE,
                            MSR_KERNEL_GS_BASE, MSR_TSC_AUX})
 HOST_MSRS = MODELLED_MSRS - {MSR_TSC}
+MSR_SMBASE = 0x9E               # userspace only, with KVM_CAP_X86_SMM (x86/smm.py)
+SMM_SEGMENT_MSRS = frozenset({0xC0000080, MSR_FS_BASE, MSR_GS_BASE})
+CAP_X86_SMM = int(Cap.X86_SMM)
 # __kvm_set_msr(): a non-canonical value is refused for these (is_noncanonical_msr_address();
 # 48 bits: the emulated CPU has no LA57) ...
 CANONICAL_MSRS = frozenset({MSR_LSTAR, MSR_CSTAR, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE})
@@ -106,6 +110,9 @@ class VcpuCpuState:
     _pending_event: Any
     _rf_possible: bool
     trace: E.BlockTrace
+    _smbase: int
+    _smm: Any
+    _smm_view: Callable[[], kvm_sregs]      # EmuVcpu's: KVM_GET_SREGS in SMM
 
     # ================================================================ registers
     def _get_regs(self) -> kvm_regs:
@@ -152,6 +159,11 @@ class VcpuCpuState:
     def msr_get(self, idx: int, host: bool) -> int | None:
         """kvm_get_msr_common()/svm_get_msr() for the modelled MSRs; None = unsupported (the
         caller's #GP(0), or the end of a KVM_GET_MSRS batch). ``host``: KVM_GET_MSRS."""
+        if idx == MSR_SMBASE:
+            # Only userspace reads it, and only with CONFIG_KVM_SMM.
+            return self._smbase if host and self._smm_capable() else None
+        if self._smm is not None and idx in SMM_SEGMENT_MSRS:
+            return self._smm_msr(idx)
         if idx not in (HOST_MSRS if host else MODELLED_MSRS):
             return None
         if idx == MSR_TSC_AUX and not host and not self._has_tsc_aux():
@@ -169,6 +181,14 @@ class VcpuCpuState:
     def msr_set(self, idx: int, v: int, host: bool) -> bool:
         """__kvm_set_msr() -> kvm_set_msr_common()/svm_set_msr() for the modelled MSRs: False
         where KVM returns non-zero (#GP(0) for the guest, the end of a KVM_SET_MSRS batch)."""
+        if idx == MSR_SMBASE:
+            if not (host and self._smm_capable()):
+                return False
+            self._smbase = v            # kvm_set_msr_common(): vcpu->arch.smbase = data
+            return True
+        if self._smm is not None and idx in SMM_SEGMENT_MSRS:
+            raise OSError(errno.EINVAL, f"writing MSR {idx:#x} while the vCPU is in SMM is not "
+                          "modelled by the emulated KVM")
         if idx not in (HOST_MSRS if host else MODELLED_MSRS):
             return False
         uc = self.uc
@@ -229,6 +249,17 @@ class VcpuCpuState:
             return False
         self._sregs.apic_base = v
         return True
+
+    def _smm_capable(self) -> bool:
+        return bool(self.vm.profile.cap(CAP_X86_SMM, self.vm.type))
+
+    def _smm_msr(self, idx: int) -> int:
+        """EFER and the FS/GS bases in SMM: enter_smm() zeroed EFER and the segment bases; the
+        handler's segment loads are read back from its engine."""
+        if idx == E.MSR_EFER:
+            return 0
+        view = self._smm_view()
+        return int((view.fs if idx == MSR_FS_BASE else view.gs).base)
 
     def _cr0(self) -> int:
         if self._mode_problem is not None:

@@ -141,6 +141,13 @@ class VcpuExits(VcpuCpuState):
         return PagingMode(cr0, cr3, cr4, E.read_msr(self.uc, E.MSR_EFER))
 
     def _read_virt(self, va: int, n: int) -> bytes:
+        smm = getattr(self, "_smm_engine", None)
+        if getattr(self, "_smm", None) is not None and smm is not None:
+            # In SMM: real-mode code, CS base + offset, in address space 1 (x86/smm.py).
+            got = smm.read(smm.cs_base() + va, n)
+            if got is None:
+                raise GuestFault(13, 0)
+            return bytes(got)
         mode = self._paging()
         read64 = make_read64(self.phys.read)
         out = b""

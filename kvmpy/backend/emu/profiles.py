@@ -35,8 +35,8 @@ MODELLED_CAPS: frozenset[int] = frozenset({
     Cap.IMMEDIATE_EXIT, Cap.EXIT_HYPERCALL, Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO,
     Cap.MEMORY_ATTRIBUTES, Cap.GUEST_MEMFD, Cap.VM_TYPES, Cap.PRE_FAULT_MEMORY,
     Cap.GUEST_MEMFD_FLAGS, Cap.DISABLE_QUIRKS2,
-    # MULTI_ADDRESS_SPACE: memslots in address space 1 (memslots.py). X86_SMM: modelled as
-    # absent (0): the vCPU cannot enter SMM (docs/emulator.md, "What is NOT modelled").
+    # MULTI_ADDRESS_SPACE: memslots in address space 1 (memslots.py); X86_SMM: KVM_SMI, SMM
+    # entry and RSM (emu/vcpu.py, x86/smm.py).
     Cap.X86_SMM, Cap.MULTI_ADDRESS_SPACE,
 })
 
@@ -132,6 +132,9 @@ def _upstream() -> Profile:
         # x86.c kvm_vm_ioctl_check_extension(): kvm_caps.supported_quirks, the same on
         # /dev/kvm and every VM type.
         Cap.DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS_7_3,
+        # kvm_vm_ioctl_check_extension(): CONFIG_KVM_SMM and svm_has_emulated_msr(SMBASE),
+        # true but for SEV-ES VMs (not modelled), so on both VM types and /dev/kvm.
+        Cap.X86_SMM: 1,
     }
     both = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
     # kvm_supported_mem_attributes(): PRIVATE when kvm is NULL (/dev/kvm) or the VM has

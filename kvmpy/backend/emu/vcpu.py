@@ -20,6 +20,7 @@ What is modelled and how (details and every known gap in docs/emulator.md, "vCPU
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import threading
 import time
@@ -41,9 +42,11 @@ from unicorn.unicorn import UcError
 
 from ...uapi import (
     PAGE_SIZE,
+    Cap,
     ExitReason,
     InternalSuberror,
     IoDirection,
+    MemFlag,
     MpState,
     kvm_cpuid_entry2,
     kvm_mp_state,
@@ -52,7 +55,7 @@ from ...uapi import (
     kvm_sregs,
 )
 from ...uapi.ioctls import Ioctl
-from ..libc import copy_from_user, copy_to_user
+from ..libc import MS_ASYNC, copy_from_user, copy_to_user, libc_msync
 from .cpustate import (
     RFLAGS_FIXED,
     RFLAGS_RF,
@@ -67,6 +70,15 @@ from .x86.events import HAS_ERROR_CODE, Event
 from .x86.paging import GuestFault, canonical
 from .x86.physmem import PhysFault, PhysMap
 from .x86.sched import scheduler_for
+from .x86.smm import (
+    SMBASE_RESET,
+    SMRAM_SAVE,
+    SMRAM_SIZE,
+    SmmEngine,
+    load_state,
+    save_state,
+    smm_sregs,
+)
 
 if TYPE_CHECKING:
     from .vm import EmuVm
@@ -82,6 +94,16 @@ SLICE_MIN, SLICE_MAX = 500, 400_000
 SLICE_FAST_S, SLICE_SLOW_S = 0.001, 0.004
 INVALIDATE_WAIT_S = 2.0
 R = SimpleNamespace(**{m.name: int(m) for m in Ioctl})   # plain ints (Enum access is slow)
+CAP_X86_SMM = int(Cap.X86_SMM)
+READONLY = int(MemFlag.READONLY)
+
+
+@dataclasses.dataclass
+class SmmState:
+    """The vCPU is in SMM: the state before the SMI and KVM_GET_SREGS's view of SMM."""
+
+    saved: kvm_sregs
+    view: kvm_sregs
 
 
 class EmuVcpu(VcpuExits):
@@ -144,6 +166,11 @@ class EmuVcpu(VcpuExits):
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_unmapped)
         uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         E.enable_intercepts(uc)
+        self._regs64 = self.regs
+        self._smbase = SMBASE_RESET
+        self._smi_pending = False
+        self._smm: SmmState | None = None
+        self._smm_engine: SmmEngine | None = None
 
     def __repr__(self) -> str:
         return f"<EmuVcpu {self.id}>"
@@ -181,10 +208,24 @@ class EmuVcpu(VcpuExits):
         ctypes.memmove(ctypes.addressof(out), self.regs.gprs_bytes(), ctypes.sizeof(out))
 
     def _ioctl_get_sregs(self, out: kvm_sregs) -> None:
-        ctypes.memmove(ctypes.addressof(out), self._get_sregs().to_bytes(), ctypes.sizeof(out))
+        s = self._smm_view() if self._smm is not None else self._get_sregs()
+        ctypes.memmove(ctypes.addressof(out), s.to_bytes(), ctypes.sizeof(out))
 
     def _ioctl_get_mp_state(self, out: kvm_mp_state) -> None:
         out.mp_state = self._mp_state
+
+    def _ioctl_set_sregs(self, s: kvm_sregs) -> None:
+        if self._smm is not None:
+            raise OSError(errno.EINVAL, "KVM_SET_SREGS while the vCPU is in SMM is not modelled "
+                          "by the emulated KVM")
+        self._set_sregs(s)
+
+    def _ioctl_smi(self, _: int) -> None:
+        # KVM_SMI (api.rst 4.96): kvm_inject_smi() makes KVM_REQ_SMI, taken on the next
+        # KVM_RUN; -ENOTTY without CONFIG_KVM_SMM (smm.h).
+        if not self.vm.profile.cap(CAP_X86_SMM, self.vm.type):
+            raise OSError(errno.ENOTTY, "KVM_SMI: no SMM in this kernel (KVM_CAP_X86_SMM 0)")
+        self._smi_pending = True
 
     def _ioctl_enable_cap(self, _: int) -> None:
         # kvm_vcpu_ioctl_enable_cap(): no vCPU capability is modelled (refused before the
@@ -320,7 +361,12 @@ class EmuVcpu(VcpuExits):
             # kvm_arch_vcpu_ioctl_run(): -EINTR once pending IO is completed; exit_reason is
             # left alone (measured on 6.18), unlike a signal, which sets KVM_EXIT_INTR.
             raise OSError(errno.EINTR, "KVM_RUN: immediate_exit")
-        if self._mode_problem is not None:
+        if self._smi_pending and self._smm is None:
+            # vcpu_enter_guest() -> inject_pending_event(): a pending SMI outside SMM is taken
+            # (svm_smi_allowed(): GIF is always set here), ++smi_count, enter_smm().
+            self._smi_pending = False
+            self._enter_smm()
+        if self._smm is None and self._mode_problem is not None:
             gpa = self._unpaged_fetch_gpa()
             if gpa is not None and self.vm.find_memslot(gpa) is None:
                 self._ran = True
@@ -343,6 +389,13 @@ class EmuVcpu(VcpuExits):
                     return self._block()
                 self.sched.acquire(self)
                 try:
+                    if self._smm is not None:
+                        r = self._smm_loop()
+                        if r is not None:
+                            return r
+                        if self._mode_problem is not None:
+                            raise OSError(errno.EINVAL, "emulated KVM cannot run the state RSM "
+                                          f"restored: {self._mode_problem}")
                     return self._loop()
                 finally:
                     self.sched.release()
@@ -584,6 +637,165 @@ class EmuVcpu(VcpuExits):
                 self.sched.acquire(self)
         return self._exit(ExitReason.HLT)
 
+    # ---------------------------------------------------------------- SMM (x86/smm.py)
+    def _as1_slots(self) -> list[tuple[int, int, int, bool]]:
+        """The address-space-1 memslots whose host memory is there (no guest_memfd slots:
+        their private pages are not modelled in SMM)."""
+        out = []
+        for sl in self.vm.memslots.values():
+            if sl.as_id != 1 or sl.gmem is not None or not sl.userspace_addr:
+                continue
+            if any(lo < sl.userspace_addr + sl.size and sl.userspace_addr < hi
+                   for lo, hi in self.vm.hva_unmapping):
+                continue
+            try:
+                libc_msync(sl.userspace_addr, sl.size, MS_ASYNC)
+            except OSError:
+                continue            # host memory gone: an access is refused below
+            out.append((sl.gpa, sl.size, sl.userspace_addr, bool(sl.flags & READONLY)))
+        return out
+
+    def _enter_smm(self) -> None:
+        """enter_smm() (arch/x86/kvm/smm.c): save the state at SMBASE + 0xFE00 in the 64-bit
+        layout, then the SMM entry state; the handler runs in a second engine over address
+        space 1 (x86/smm.py)."""
+        if not self._cpuid_bit(0x80000001, "edx", 29):
+            raise OSError(errno.EINVAL, "SMM entry for a guest CPUID without long mode (the "
+                          "32-bit SMRAM layout) is not modelled by the emulated KVM")
+        if self._smm_engine is None:
+            eng = SmmEngine()
+            uc = eng.uc
+            uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+            uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+            uc.hook_add(UC_HOOK_INTR, self._on_intr)
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_smm_unmapped)
+            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_smm_unmapped)
+            E.enable_intercepts(uc)
+            self._smm_engine = eng
+        eng = self._smm_engine
+        saved = self._get_sregs()
+        gprs = self._regs64.read_gprs()
+        area = save_state(saved, gprs, self._smbase)
+        with self.vm.lock:
+            eng.remap(self._as1_slots())
+            if not eng.write(self._smbase + SMRAM_SAVE, area):
+                # kvm_vcpu_write_guest() failed: kvm_vm_dead().
+                raise OSError(errno.EIO, f"SMM entry: the state-save area at "
+                              f"{self._smbase + SMRAM_SAVE:#x} is not in an address-space-1 "
+                              "memslot (KVM kills the VM)")
+        view = smm_sregs(saved, self._smbase)
+        eng.enter(view, gprs)
+        self._smm = SmmState(saved, view)
+        self.regs = eng.regs
+        self._pending = None
+        self._plain_in.clear()
+        self.trace.forget()
+
+    def _smm_view(self) -> kvm_sregs:
+        """KVM_GET_SREGS in SMM: the entry state with the segments the handler loaded."""
+        assert self._smm is not None and self._smm_engine is not None
+        s = kvm_sregs.from_buffer_copy(self._smm.view.to_bytes())
+        for name, (sel, base) in self._smm_engine.segments().items():
+            seg = getattr(s, name)
+            seg.selector, seg.base = sel, base
+        return s
+
+    def _on_smm_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
+                         ud: Any) -> bool:
+        self._ev = ("smm_mem", addr, access)
+        return False
+
+    def _smm_loop(self) -> int | None:
+        """Run the SMI handler until an exit (returned) or RSM (None: the caller goes on
+        in the restored state)."""
+        eng = self._smm_engine
+        assert eng is not None
+        uc = eng.uc
+        while self._smm is not None:
+            if self.phys.has_pending:
+                self.phys.apply_pending()     # release invalidate_hva() waiters
+            if self._interrupted():
+                return self._intr("kick" if self._kicked else "signal")
+            self._ev = None
+            err = 0
+            with self.vm.lock:
+                eng.remap(self._as1_slots())
+                try:
+                    uc.emu_start(eng.regs.read(X.UC_X86_REG_RIP), 0, 0, self._slice)
+                except UcError as e:
+                    err = e.errno
+                    hook_exc = uc._hook_exception
+                    if hook_exc is not None:
+                        uc._hook_exception = None
+                        raise hook_exc from None
+                ev = self._ev
+                if ev is None and not err and eng.counter.value > self._slice:
+                    continue
+                r = self._smm_stop(ev, err)
+            if r is not None:
+                return r
+        return None
+
+    def _smm_stop(self, ev: tuple[Any, ...] | None, err: int) -> int | None:
+        eng = self._smm_engine
+        assert eng is not None
+        if ev is None and err == UC_ERR_INSN_INVALID:
+            ip = eng.regs.read(X.UC_X86_REG_RIP)
+            if (eng.read(eng.cs_base() + ip, 2) or b"") == b"\x0f\xaa":
+                return self._rsm()
+            return self._smm_exception(6)
+        if ev is None:
+            if err:
+                return self._internal(InternalSuberror.EMULATION,
+                                      f"unicorn stopped with error {err} in SMM", [err])
+            return self._quiet_stop()
+        kind = ev[0]
+        if kind in ("in", "out"):
+            return self._handle(ev, err)
+        if kind == "exc":
+            if ev[1] >= E.EXCP_VMEXIT:
+                raise OSError(errno.EINVAL, "MOV to CR0/CR4 or RDMSR/WRMSR in SMM is not "
+                              "modelled by the emulated KVM")
+            return self._smm_exception(ev[1])
+        if kind == "smm_mem":
+            raise OSError(errno.EINVAL, f"SMM access to gpa {ev[1]:#x} outside the "
+                          "address-space-1 memslots (MMIO in SMM) is not modelled")
+        return self._internal(InternalSuberror.UNEXPECTED_EXIT_REASON, f"SMM event {ev!r}", [])
+
+    def _smm_exception(self, vec: int) -> int:
+        """An exception in the handler: with the IDT limit enter_smm() leaves (0) the real-mode
+        vector does not fit, #GP and #DF neither: a triple fault (KVM_EXIT_SHUTDOWN)."""
+        eng = self._smm_engine
+        assert eng is not None
+        _, _, limit, _ = eng.uc.reg_read(X.UC_X86_REG_IDTR)
+        if limit:
+            raise OSError(errno.EINVAL, f"exception {vec} in SMM with an IDT: real-mode "
+                          "delivery is not modelled by the emulated KVM")
+        return self._exit(ExitReason.SHUTDOWN)
+
+    def _rsm(self) -> int | None:
+        """RSM: em_rsm() -> emulator_leave_smm() -> rsm_load_state_64() from the save area
+        (which the handler may have changed); a state that cannot be loaded is a triple
+        fault."""
+        eng, smm = self._smm_engine, self._smm
+        assert eng is not None and smm is not None
+        raw = eng.read(self._smbase + SMRAM_SAVE, SMRAM_SIZE)
+        self.regs = self._regs64
+        self._smm = None
+        self._plain_in.clear()
+        self.trace.forget()
+        if raw is None:
+            return self._exit(ExitReason.SHUTDOWN)
+        st = load_state(raw, smm.saved)
+        self._smbase = st.smbase
+        try:
+            self._set_sregs(st.sregs)
+        except OSError:
+            return self._exit(ExitReason.SHUTDOWN)
+        self.regs.write_gprs(st.gprs)
+        self.phys.flush_needed = True
+        return None
+
     # ---------------------------------------------------------------- userspace completion
     def _complete_userspace(self) -> None:
         """complete_userspace_io: finish the exit userspace just handled."""
@@ -656,7 +868,7 @@ VCPU_IOCTLS: Table = check_table({
     R.KVM_GET_REGS:     Entry(kvm_regs, V._ioctl_get_regs),
     R.KVM_SET_REGS:     Entry(kvm_regs, V._set_regs),
     R.KVM_GET_SREGS:    Entry(kvm_sregs, V._ioctl_get_sregs),
-    R.KVM_SET_SREGS:    Entry(kvm_sregs, V._set_sregs),
+    R.KVM_SET_SREGS:    Entry(kvm_sregs, V._ioctl_set_sregs),
     R.KVM_SET_CPUID2:   Entry(Ptr, V._set_cpuid2),
     R.KVM_GET_CPUID2:   Entry(Ptr, V._get_cpuid2),
     R.KVM_GET_MP_STATE: Entry(kvm_mp_state, V._ioctl_get_mp_state),
@@ -664,6 +876,7 @@ VCPU_IOCTLS: Table = check_table({
     R.KVM_ENABLE_CAP:   Entry(int, V._ioctl_enable_cap),
     R.KVM_GET_MSRS:     Entry(Ptr, lambda v, a: v._msr_io(a, False)),
     R.KVM_SET_MSRS:     Entry(Ptr, lambda v, a: v._msr_io(a, True)),
+    R.KVM_SMI:          Entry(int, V._ioctl_smi),
 })
 del V
 
