@@ -75,9 +75,10 @@ class RegionArgs:
 class MemslotTable:
     """A VM's installed memslots by key (as_id << 16 | id), plus each address space's slots
     sorted by gpa (virt/kvm/kvm_main.c keeps one kvm_memslots per address space: overlap is
-    checked within one). ``find`` serves address space 0, the only one a vCPU outside SMM
-    uses (kvm_arch_vcpu_memslots_id()); the emulated vCPU never enters SMM. Owned by the VM
-    (vm.py ``EmuVm.memslots``); changed under the VM's lock."""
+    checked within one). ``find`` serves address space 0, the one a vCPU outside SMM uses
+    (kvm_arch_vcpu_memslots_id()); in SMM the vCPU maps the address-space-1 slots afresh for
+    every slice (x86/smm.py). Owned by the VM (vm.py ``EmuVm.memslots``); changed under the
+    VM's lock."""
 
     def __init__(self) -> None:
         self._by_key: dict[int, EmuMemslot] = {}
@@ -249,7 +250,7 @@ def set_memory_region(vm: MemslotVm, r: RegionArgs, v2: bool) -> None:
     if gmem is not None:
         gmem.bindings[new.key] = new
     if as_id != 0:
-        return          # no vCPU maps address space 1 (SMM is not entered): nothing to zap
+        return          # SMM maps address space 1 per slice, under the VM lock: no zap needed
     if old is not None and change == "move":
         vm.invalidate(old.gpa, old.end)
     vm.invalidate(new.gpa, new.end)
