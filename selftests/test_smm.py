@@ -28,6 +28,8 @@ from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
 from kvmpy.testing.require import require_cap
 from kvmpy.uapi import Cap, ExitReason, IoDirection, kvm_regs
+from kvmpy.vcpu import Vcpu
+from kvmpy.vm import Vm
 
 pytestmark = pytest.mark.guest
 
@@ -53,11 +55,37 @@ GUEST = f"""
 """
 
 
-def _stage(kvm: Kvm, vcpu: object) -> int:
-    ex = vcpu.run()  # type: ignore[attr-defined]
-    assert ex.reason == ExitReason.IO, ex
+class _Low:
+    def __init__(self, mem: SharedMemory) -> None:
+        self.mem = mem
+
+    def write(self, off: int, data: bytes) -> None:
+        self.mem.mapping.write(off, data)
+
+
+def _smm_vm(kvm: Kvm, vm: Vm, low: SharedMemory, smram: SharedMemory, handler: bytes) -> Vcpu:
+    """smm_test.c's setup: guest code in address space 0, SMRAM (address space 1) with the
+    handler at +0x8000, SMBASE moved there, the vCPU in long mode at the guest code."""
+    build_low_memory(_Low(low), asm(GUEST, CODE))  # type: ignore[arg-type]
+    vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
+    vm.set_user_memory_region(SMRAM_MEMSLOT, 0, SMRAM_GPA, SMRAM_SIZE, smram.addr)
+    smram.mapping.write(0x8000, handler)
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    assert vcpu.get_msrs([MSR_IA32_SMBASE]) == [0x30000]      # kvm_vcpu_reset()
+    vcpu.set_msrs({MSR_IA32_SMBASE: SMRAM_GPA})
+    vcpu.set_sregs(long_mode_sregs())
+    r = kvm_regs()
+    r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
+    vcpu.set_regs(r)
+    return vcpu
+
+
+def _stage(kvm: Kvm, vcpu: Vcpu) -> int:
+    ex = vcpu.run()
+    assert ex.reason == ExitReason.IO and ex.io is not None, ex
     assert ex.io.direction == IoDirection.IN and ex.io.port == SYNC_PORT, ex
-    return int(vcpu.get_regs().rax) & 0xFF  # type: ignore[attr-defined]
+    return int(vcpu.get_regs().rax) & 0xFF
 
 
 def test_smi_handler_runs_in_smram_and_rsm_resumes(kvm: Kvm) -> None:
@@ -67,23 +95,7 @@ def test_smi_handler_runs_in_smram_and_rsm_resumes(kvm: Kvm) -> None:
         low = SharedMemory(kvm.backend, LOW_SIZE)
         smram = SharedMemory(kvm.backend, SMRAM_SIZE)
         try:
-            class _View:
-                def write(self, off: int, data: bytes) -> None:
-                    low.mapping.write(off, data)
-
-            build_low_memory(_View(), asm(GUEST, CODE))  # type: ignore[arg-type]
-            vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
-            vm.set_user_memory_region(SMRAM_MEMSLOT, 0, SMRAM_GPA, SMRAM_SIZE, smram.addr)
-            smram.mapping.write(0x8000, SMI_HANDLER)
-            vcpu = vm.create_vcpu(0)
-            vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            assert vcpu.get_msrs([MSR_IA32_SMBASE]) == [0x30000]      # kvm_vcpu_reset()
-            vcpu.set_msrs({MSR_IA32_SMBASE: SMRAM_GPA})
-            vcpu.set_sregs(long_mode_sregs())
-            r = kvm_regs()
-            r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
-            vcpu.set_regs(r)
-
+            vcpu = _smm_vm(kvm, vm, low, smram, SMI_HANDLER)
             assert _stage(kvm, vcpu) == 1
             vcpu.smi()
             # The IN completes first, then the SMI is taken: the handler's IN exits in SMM.
@@ -129,21 +141,7 @@ def test_rsm_loads_the_state_save_area(kvm: Kvm) -> None:
         low = SharedMemory(kvm.backend, LOW_SIZE)
         smram = SharedMemory(kvm.backend, SMRAM_SIZE)
         try:
-            class _View:
-                def write(self, off: int, data: bytes) -> None:
-                    low.mapping.write(off, data)
-
-            build_low_memory(_View(), asm(GUEST, CODE))  # type: ignore[arg-type]
-            vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
-            vm.set_user_memory_region(SMRAM_MEMSLOT, 0, SMRAM_GPA, SMRAM_SIZE, smram.addr)
-            smram.mapping.write(0x8000, EDIT_HANDLER)
-            vcpu = vm.create_vcpu(0)
-            vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            vcpu.set_msrs({MSR_IA32_SMBASE: SMRAM_GPA})
-            vcpu.set_sregs(long_mode_sregs())
-            r = kvm_regs()
-            r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
-            vcpu.set_regs(r)
+            vcpu = _smm_vm(kvm, vm, low, smram, EDIT_HANDLER)
             assert _stage(kvm, vcpu) == 1
             vcpu.smi()
             assert _stage(kvm, vcpu) == 2
@@ -162,11 +160,7 @@ def test_smbase_is_userspace_only(kvm: Kvm) -> None:
     with kvm.create_vm(0) as vm:
         low = SharedMemory(kvm.backend, LOW_SIZE)
         try:
-            class _View:
-                def write(self, off: int, data: bytes) -> None:
-                    low.mapping.write(off, data)
-
-            build_low_memory(_View(), asm(f"mov ecx, {MSR_IA32_SMBASE}\nrdmsr\nhlt", CODE))  # type: ignore[arg-type]
+            build_low_memory(_Low(low), asm(f"mov ecx, {MSR_IA32_SMBASE}\nrdmsr\nhlt", CODE))  # type: ignore[arg-type]
             vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
             vcpu = vm.create_vcpu(0)
             vcpu.set_cpuid2(kvm.get_supported_cpuid())

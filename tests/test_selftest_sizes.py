@@ -33,6 +33,7 @@ PORTS: dict[str, tuple[str, int]] = {
     "selftests/test_private_mem_variants.py": ("x86/private_mem_conversions_test.c", 480),
     "selftests/test_private_mem_kvm_exits.py": ("x86/private_mem_kvm_exits_test.c", 119),
     "selftests/test_fix_hypercall.py": ("x86/fix_hypercall_test.c", 141),
+    "selftests/test_smm.py": ("x86/smm_test.c", 179),
 }
 
 
