@@ -14,7 +14,9 @@ What is modelled and how (details and every known gap in docs/emulator.md, "vCPU
   for kicks and immediate_exit;
 - exit builders, hypercalls, intercepts and exception delivery (through the guest IDT,
   x86/events.py) live in exits.py; this module is the ioctl entry and the KVM_RUN loop;
-- guest-physical memory is resolved as KVM's MMU does (x86/physmem.py).
+- guest-physical memory is resolved as KVM's MMU does (x86/physmem.py);
+- KVM_GET/SET_MSRS (cpustate.py msr_io()), KVM_SMI and SMM: entry on the next KVM_RUN, the
+  handler in a real-mode engine over address space 1, RSM (x86/smm.py).
 """
 
 from __future__ import annotations
