@@ -114,6 +114,9 @@ def test_msr_ioctls_match_real_kvm() -> None:
         _set(p, t, "guest-values", [(STAR, 0x0023001000000000), (KERNEL_GS_BASE, 0x1234_5000)])
         run_rec(p, t, "guest")
         _get(p, t, "after-guest", [LSTAR])
+        # MSR_IA32_SMBASE and KVM_SMI exist only with SMM (0x30000 / 0; else stop / ENOTTY).
+        _get(p, t, "smbase", [0x9E])
+        t.append(("smi", int(p.vcpu.try_smi())))
 
     kvm_t, emu_t = differential(src, body)
     assert_same(kvm_t, emu_t)

@@ -176,6 +176,7 @@ class SmmEngine:
                 "<IIQII", seg.selector, 0, seg.base, seg.limit, flags), 24)
         uc.context_restore(ctx)
         self.regs.write_gprs([*gprs[:16], 0x8000, 2])
+        E.reset_old_exception(uc)       # an earlier handler's exception (engine.py)
         uc.ctl_flush_tb()
 
     def segments(self) -> dict[str, tuple[int, int]]:
