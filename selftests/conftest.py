@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,11 @@ from kvmpy.testing.plugin import SESSION_FDS
 from kvmpy.testing.require import skip_missing, where
 from kvmpy.uapi import Cap, GuestMemfdFlag, VmType
 from kvmpy.vm import Vm
+
+# Installed (kvmpy.selftests, no repository conftest.py above it): load kvmpy's plugins here, so
+# `pytest --pyargs kvmpy.selftests` works on its own; in a checkout the root conftest.py does.
+if not (Path(__file__).resolve().parent.parent / "conftest.py").is_file():
+    pytest_plugins = ["kvmpy.testing.plugin", "kvmpy.testing.ktap", "kvmpy.testing.health"]
 
 # --- VM types ---------------------------------------------------------------------------------
 

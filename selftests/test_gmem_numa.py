@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_gmem_flags
 from kvmpy.backend.libc import MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT
 from kvmpy.guest import GuestVm
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, expect_errno, memslot_accepts_guest_memfd
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, Cap, GuestMemfdFlag
+
+from .conftest import require_gmem_flags
 
 pytestmark = pytest.mark.guest
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import require_gmem_flags
 from kvmpy.guest import GuestAssertionError, GuestVm, UcallCmd
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import memslot_accepts_guest_memfd
 from kvmpy.testing.private_mem import guest_accesses_emulated
 from kvmpy.testing.require import where
 from kvmpy.uapi import PAGE_SIZE, GuestMemfdFlag
+
+from .conftest import require_gmem_flags
 
 pytestmark = pytest.mark.guest
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_gmem_flags
 from kvmpy.errors import KvmError
 from kvmpy.guest import GuestVm
 from kvmpy.guest.ucall import Ucall
@@ -46,6 +45,8 @@ from kvmpy.testing.require import where
 from kvmpy.testing.sigbus import touch
 from kvmpy.uapi import PAGE_SIZE, Cap, ExitReason, GuestMemfdFlag, kvm_pre_fault_memory
 from kvmpy.vm import Vm
+
+from .conftest import require_gmem_flags
 
 pytestmark = pytest.mark.guest
 

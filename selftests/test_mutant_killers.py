@@ -9,23 +9,23 @@ import mmap
 
 import pytest
 
+from kvmpy.guest import GuestVm
+from kvmpy.guest.hypercall import enable_map_gpa_range_exit
+
 # The scripted guest and its fixture, and the conversions host loop, from the experiments they
 # belong to.
-from test_private_mem_beyond import (  # type: ignore[import-not-found]
+from .test_private_mem_beyond import (
     OP_CHECK,
     OP_MAP,
     Op,
     write_script,
 )
-from test_private_mem_beyond import g as beyond_guest  # type: ignore[import-not-found]
-from test_private_mem_conversions import (  # type: ignore[import-not-found]
+from .test_private_mem_beyond import g as beyond_guest
+from .test_private_mem_conversions import (
     MAP_GPA_DO_FALLOCATE,
     MAP_GPA_SET_ATTRIBUTES,
     run_conversion_vcpu,
 )
-
-from kvmpy.guest import GuestVm
-from kvmpy.guest.hypercall import enable_map_gpa_range_exit
 
 pytestmark = pytest.mark.guest
 

@@ -23,11 +23,12 @@ import errno
 from collections.abc import Iterator
 
 import pytest
-from test_pre_fault_memory import M2, TEST_SIZE, VARIANTS, Setup, _call, _one
 
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import errname, expect_errno, expect_errnos
 from kvmpy.uapi import PAGE_SIZE, kvm_pre_fault_memory
+
+from .test_pre_fault_memory import M2, TEST_SIZE, VARIANTS, Setup, _call, _one
 
 P = PAGE_SIZE
 U64 = 2**64

@@ -14,11 +14,12 @@ from __future__ import annotations
 import errno
 
 import pytest
-from test_pre_fault_beyond import setup as variant_setup
-from test_pre_fault_memory import TEST_SIZE, Setup, _one
 
 from kvmpy.testing.errnos import errname, expect_errno
 from kvmpy.uapi import kvm_pre_fault_memory
+
+from .test_pre_fault_beyond import setup as variant_setup
+from .test_pre_fault_memory import TEST_SIZE, Setup, _one
 
 M2 = 2 << 20
 setup = variant_setup  # fixture ``setup``: a Setup at 4 GiB per upstream variant

@@ -25,17 +25,6 @@ from collections.abc import Iterator
 
 import pytest
 
-# The conversions experiment's host loop and helpers, reused for these guests (they speak the
-# same guests/include/private_mem.h protocol).
-from test_private_mem_conversions import (  # type: ignore[import-not-found]
-    MAP_GPA_DO_FALLOCATE,
-    MAP_GPA_SET_ATTRIBUTES,
-    MAP_GPA_SHARED,
-    check_shared,
-    fill_shared,
-    run_conversion_vcpu,
-)
-
 from kvmpy.guest import BackingUnavailable, GuestVm, UcallCmd
 from kvmpy.guest.hypercall import MAP_GPA_RANGE_BIT, enable_map_gpa_range_exit
 from kvmpy.guest.x86 import PAGE_2M
@@ -54,6 +43,17 @@ from kvmpy.uapi import (
     VmType,
 )
 from kvmpy.vcpu import Exit
+
+# The conversions experiment's host loop and helpers, reused for these guests (they speak the
+# same guests/include/private_mem.h protocol).
+from .test_private_mem_conversions import (
+    MAP_GPA_DO_FALLOCATE,
+    MAP_GPA_SET_ATTRIBUTES,
+    MAP_GPA_SHARED,
+    check_shared,
+    fill_shared,
+    run_conversion_vcpu,
+)
 
 pytestmark = pytest.mark.guest
 

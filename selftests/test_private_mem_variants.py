@@ -13,11 +13,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-import test_private_mem_conversions as conv
 
 from kvmpy.system import Kvm
 from kvmpy.testing.private_mem import require_private_mem
 from kvmpy.vcpu import Vcpu
+
+from . import test_private_mem_conversions as conv
 
 # Several vCPUs under TCG take tens of seconds on a busy host: the run's join budget (below)
 # bounds a hang, so the per-test timeout (60 s in the CI VM) must not cut them first.

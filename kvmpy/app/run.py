@@ -58,20 +58,62 @@ def _looks_like_path(arg: str) -> bool:
     return not arg.startswith("-") and Path(arg.split("::")[0]).exists()
 
 
+#: pytest's settings for the installed suite (pyproject.toml's, which only a checkout has).
+SUITE_INI = Path(__file__).resolve().parent.parent / "testing" / "suite.ini"
+
+
+def suite_dir() -> Path:
+    """The suite: the package kvmpy.selftests (installed: in site-packages; an editable install:
+    the checkout's selftests/), else selftests/ beside kvmpy (a checkout on sys.path)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("kvmpy.selftests")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        return Path(spec.origin).resolve().parent
+    return Path(__file__).resolve().parents[2] / "selftests"
+
+
+def _local_suite() -> bool:
+    """A checkout's suite in the current directory (ids and settings from its pyproject.toml)."""
+    return Path("selftests", "conftest.py").is_file()
+
+
 def default_tests_path() -> str:
-    """selftests/ of the current directory, else of the source tree kvmpy was installed from."""
-    if Path("selftests").is_dir():
-        return "selftests"
-    repo = Path(__file__).resolve().parent.parent / "selftests"
-    return str(repo) if repo.is_dir() else "selftests"
+    """selftests/ of the current directory (a checkout), else the suite kvmpy carries."""
+    return "selftests" if _local_suite() else str(suite_dir())
+
+
+def _in_suite(arg: str, prev: str, suite: Path) -> str:
+    """A ``selftests/...`` file or test id outside a checkout: that file of the suite kvmpy
+    carries (not after --deselect, which matches test ids, and ids start with selftests/ anyway)."""
+    path = arg.split("::")[0]
+    if (prev == "--deselect" or not path.startswith("selftests/") or Path(path).exists()
+            or not (suite.parent / path).exists()):
+        return arg
+    return str(suite.parent / arg)
 
 
 def pytest_args(args: argparse.Namespace) -> list[str]:
     """The pytest command line ``kvmpy run`` amounts to (minus the terminal replacement)."""
     extra = [a for a in args.pytest_args if a != "--"]
     out: list[str] = []
-    if not any(_looks_like_path(a) for a in extra):
+    local = _local_suite()
+    suite = suite_dir()
+    if not local:
+        extra = [_in_suite(a, prev, suite) for prev, a in zip(["", *extra], extra, strict=False)]
+    paths = [a for a in extra if _looks_like_path(a)]
+    if not paths:
         out.append(default_tests_path())
+    if (not local and not (suite.parent / "pyproject.toml").is_file()
+            and all(Path(a.split("::")[0]).resolve().is_relative_to(suite) for a in paths)
+            and not any(a.startswith(("-c", "--rootdir", "--config-file")) for a in extra)):
+        # The installed suite: ids relative to kvmpy/ (selftests/<file>::<test>, as in a
+        # checkout: known_issues.py and --deselect match them) and the suite's own settings,
+        # not whatever pytest.ini lies above the current directory.
+        out += [f"--rootdir={suite.parent}", "-c", str(SUITE_INI)]
     workers = default_workers() if args.workers is None else args.workers
     out += ["-p", "kvmpy.testing.plugin", "-p", "kvmpy.testing.ktap", "-p", "kvmpy.testing.health",
             "--backend", args.backend, f"--timeout={args.timeout:g}", "-n", str(workers)]

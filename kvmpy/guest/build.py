@@ -5,12 +5,20 @@ A program is ``guests/<name>.c`` (or any path ending in ``.c``), linked with eve
 sources, the headers, the linker script, the flags and the compiler's version, so a session
 builds each program once; an exclusive file lock makes concurrent builders (pytest-xdist
 workers) wait for one another instead of racing.
+
+An installed kvmpy (a wheel) carries the sources in ``sources/`` beside this file and every
+program prebuilt at wheel-build time in ``prebuilt/`` (setup.py), with the hash of the sources
+each was built from: a prebuilt ELF is used while the sources still hash the same, so no
+compiler is needed; changed sources are rebuilt (and then need one).
+
+Only the standard library: setup.py loads this file on its own to prebuild the guests.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -34,12 +42,24 @@ class GuestBuildError(RuntimeError):
     """A guest program could not be built (no compiler, or a compile error)."""
 
 
+#: In an installed kvmpy: kvmpy/guest/<SOURCES_DIR> (a copy of guests/) and
+#: kvmpy/guest/<PREBUILT_DIR>/<program>.elf with <MANIFEST> ({"programs": {name: content_key}}).
+SOURCES_DIR, PREBUILT_DIR, MANIFEST = "sources", "prebuilt", "manifest.json"
+_HERE = Path(__file__).resolve().parent
+
+
 def guests_dir() -> Path:
-    """The guest sources: $KVMPY_GUESTS_DIR, else guests/ next to the kvmpy package."""
+    """The guest sources: $KVMPY_GUESTS_DIR, else the installed package's copy, else guests/
+    of the checkout kvmpy runs from."""
     env = os.environ.get("KVMPY_GUESTS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "guests"
+    packaged = _HERE / SOURCES_DIR
+    return packaged if packaged.is_dir() else _HERE.parents[1] / "guests"
+
+
+def prebuilt_dir() -> Path:
+    return _HERE / PREBUILT_DIR
 
 
 def cache_dir() -> Path:
@@ -64,7 +84,7 @@ def compiler() -> str:
 _version_cache: dict[str, str] = {}
 
 
-def _compiler_version(cc: str) -> str:
+def compiler_version(cc: str) -> str:
     if cc not in _version_cache:
         try:
             out = subprocess.run([cc, "--version"], capture_output=True, text=True,
@@ -109,21 +129,57 @@ def _inputs(src: Path, root: Path) -> list[Path]:
     return [src, root / "guest.ld", *library_sources(root), *headers]
 
 
-def source_hash(src: Path, root: Path, cc: str) -> str:
-    """The cache key: contents of every input, the flags and the compiler version."""
+def guest_files(root: Path) -> list[Path]:
+    """Every file a build of any program of ``root`` reads (what a wheel ships)."""
+    return sorted({*root.glob("*.c"), root / "guest.ld", *library_sources(root),
+                   *(root / "include").glob("*.h")})
+
+
+def content_key(src: Path, root: Path) -> str:
+    """A hash of every input's contents and the flags (what a prebuilt ELF records)."""
     h = hashlib.sha256()
     for p in _inputs(src, root):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(" ".join(CFLAGS).encode())
-    h.update(_compiler_version(cc).encode())
     return h.hexdigest()[:20]
 
 
+def source_hash(src: Path, root: Path, cc: str) -> str:
+    """The cache key: the content key and the compiler version."""
+    h = hashlib.sha256(content_key(src, root).encode())
+    h.update(compiler_version(cc).encode())
+    return h.hexdigest()[:20]
+
+
+def prebuilt(src: Path, root: Path) -> tuple[Path | None, str]:
+    """The wheel's prebuilt ELF of ``src`` if it was built from these very sources, and if not,
+    why not (for the error when there is no compiler either)."""
+    d = prebuilt_dir()
+    try:
+        programs = json.loads((d / MANIFEST).read_text())["programs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, ""  # not an installed kvmpy with prebuilt guests
+    elf = d / f"{src.stem}.elf"
+    if src.parent != root or src.stem not in programs or not elf.is_file():
+        return None, f"{src} is not one of the prebuilt programs ({d})"
+    if programs[src.stem] != content_key(src, root):
+        return None, (f"the sources in {root} changed since {elf} was built "
+                      f"(hash {programs[src.stem]} then, {content_key(src, root)} now)")
+    return elf, ""
+
+
 def build(program: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Build ``program`` (cached) and return the ELF's path."""
+    """Build ``program`` (cached) and return the ELF's path; the prebuilt ELF of an installed
+    kvmpy when its sources are unchanged (``force``: compile anyway)."""
     src = resolve_source(program)
     root = guests_dir().resolve()
-    cc = compiler()
+    elf, stale = prebuilt(src, root) if not force else (None, "")
+    if elf is not None:
+        return elf
+    try:
+        cc = compiler()
+    except GuestBuildError as e:
+        raise GuestBuildError(f"{e} ({stale})" if stale else str(e)) from None
     key = source_hash(src, root, cc)
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
