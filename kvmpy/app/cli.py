@@ -75,7 +75,22 @@ def _check(args: argparse.Namespace) -> None:
         _fail(f"kvmpy {args.cmd}", str(e))
 
 
+def cmd_vm(argv: list[str]) -> int:
+    """``kvmpy vm``: its own parser (kvmpy/app/vm.py, shared with ci/vm-run)."""
+    from ..backend.select import ConfigError, check_environment
+    from .vm import main as vm_main
+
+    try:
+        check_environment()  # the guest's kvmpy run reads the same KVMPY_* variables
+    except ConfigError as e:
+        _fail("kvmpy vm", str(e))
+    return vm_main(argv, prog="kvmpy vm")
+
+
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["vm"]:
+        return cmd_vm(args_in[1:])
     p = _Parser(prog="kvmpy", description="KVM guest_memfd / private memory test harness")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("caps", help="show the capabilities KVM offers and what they enable")
@@ -94,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(r)
     r.set_defaults(func=cmd_run)
-    args, extra = p.parse_known_args(argv)
+    # Listed for --help; `kvmpy vm ...` is dispatched above, before this parser.
+    sub.add_parser("vm", add_help=False,
+                   help="boot a kernel under test in QEMU and run the suite in it "
+                        "(kvmpy vm --help)")
+    args, extra = p.parse_known_args(args_in)
     if args.cmd == "run":
         args.pytest_args = extra
     elif extra:
