@@ -176,7 +176,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.xfail(
                     strict=False, reason=f"known bug of Linux < {issue.fixed_in[0]}."
                     f"{issue.fixed_in[1]} ({platform.release()}): {issue.reason}"))
-            kind = "real KVM" if name == "kvm" else "emulated KVM"
+            kind = "real KVM" if name == "kvm" else (
+                f"emulated KVM (profile {item.config.getoption('--emu-profile')})")
             item.user_properties.append(("backend", name))
             item.user_properties.append(("backend_description",
                                          f"{kind} on Linux {platform.release()}"))
+            # Which machine: results merged from several (pytest-xdist --tx ssh=HOST ...,
+            # --dist each) still name each case's host (docs/running.md).
+            item.user_properties.append(("host", platform.node()))
