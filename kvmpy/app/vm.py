@@ -619,8 +619,9 @@ def _run(args: argparse.Namespace, suite_args: list[str], repo: Path | None) -> 
     # The checkout's suite runs in the checkout; an installed one from /tmp (kvmpy run then
     # picks kvmpy.selftests).
     cwd = shlex.quote(str(repo)) if repo is not None else "/tmp"
-    guest_sh = (GUEST_SH.replace("@RUN@", run).replace("@PROG@", PROG).replace("@MARK@", MARK)
-                .replace("@CWD@", cwd).replace("@ENV@", env_lines)
+    guest_sh = (GUEST_SH.replace("@RUN@", run)
+                .replace("@PROG@", "ci/vm-run" if PROG == "vm-run" else PROG)
+                .replace("@MARK@", MARK).replace("@CWD@", cwd).replace("@ENV@", env_lines)
                 .replace("@SUITE_TIMEOUT@", str(suite_timeout)))
     (results / "guest.sh").write_text(guest_sh)
 
