@@ -215,4 +215,4 @@ def test_header_says_what_only_the_emulator_covers(monkeypatch: pytest.MonkeyPat
     note = [ln for ln in lines if ln.startswith("note ")]
     assert bool(note) == noted, lines
     if noted:
-        assert "ci/vm-run --kernel" in note[0] and "--backend both" in note[0]
+        assert "kvmpy vm --kernel" in note[0] and "--backend both" in note[0]

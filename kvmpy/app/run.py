@@ -221,7 +221,8 @@ _NO_PRIVATE_MEM = (
     "note      this KVM has no KVM_X86_SW_PROTECTED_VM: the private-memory part of the suite "
     "(the sw_protected cases, memory attributes, conversions, KVM_EXIT_MEMORY_FAULT) skips on "
     "real KVM here and runs only on the emulated KVM. For real KVM, boot a kernel with "
-    "CONFIG_KVM_SW_PROTECTED_VM in a VM: ci/vm-run --kernel BZIMAGE (docs/running.md).")
+    "CONFIG_KVM_SW_PROTECTED_VM in a VM: kvmpy vm --kernel BZIMAGE (the CI's 7.3.4 kernel "
+    "has it; docs/running.md, \"QEMU VMs on a kernel under test\").")
 
 
 # -- live progress -----------------------------------------------------------------------------
