@@ -640,8 +640,8 @@ def _run(args: argparse.Namespace, suite_args: list[str], repo: Path | None) -> 
     env_lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(os.environ.items())
                         if k.startswith("KVMPY_") and k != "KVMPY_GUEST_CACHE")
     guest_cache = prebuild_guests(python, repo)
-    # --exec runs no Python of ours: nothing to compile.
-    pycache = prewarm_bytecode(python, repo) if args.exec_cmd is None else Path("/tmp/pycache")
+    # Also for --exec: its command may run kvmpy (ci/bench-vm does).
+    pycache = prewarm_bytecode(python, repo)
     if args.exec_cmd is not None:
         run = RUN_EXEC.replace("@CMD@", shlex.quote(args.exec_cmd))
     else:
