@@ -137,6 +137,7 @@ def probe_profile(backend: Backend | None = None) -> Profile:
                     p["memory_attributes_ioctl"] = False
                 if t == VmType.DEFAULT:
                     p["max_gpa_bits"] = _probe_max_gpa_bits(vm)
+                    p["out_exit_rip_at_insn"] = _probe_out_rip(vm)
                     with vm.create_vcpu(0) as v:
                         pf = v.try_pre_fault_memory(kvm_pre_fault_memory(gpa=0, size=4096))
                     if pf:
@@ -169,6 +170,45 @@ def _probe_gmem(vm: Vm, flags: int, p: dict[str, Any]) -> None:
                 p["gmem_collapse_errno"] = 0
             except OSError as e:
                 p["gmem_collapse_errno"] = e.errno or 0
+
+
+#: The OUT probe's real-mode code at gpa 0: "out 0x80, al; hlt".
+_OUT_PROBE_CODE = bytes([0xE6, 0x80, 0xF4])
+
+
+def _probe_out_rip(vm: Vm) -> bool:
+    """Whether a plain OUT exit reports RIP at the OUT (profiles.py out_exit_rip_at_insn).
+
+    Measured, not inferred from the vendor module: a real-mode vCPU (the reset mode, so no
+    CPUID or page tables) runs the OUT, and KVM_GET_REGS at the exit tells. A few ms on this
+    host, and right for any module, including the kernel under test in the CI VM. If the
+    guest does not reach the OUT exit (a KVM that cannot run real mode), fall back to the
+    only module known to differ, kvm_pvm (RIP after the OUT)."""
+    from .backend.host import kvm_module
+    from .memory import anonymous
+    from .uapi import ExitReason, IoDirection
+
+    slot = max(vm.memslots, default=-1) + 1
+    with anonymous(vm.backend, 4096, "OUT probe") as m:
+        m.write(0, _OUT_PROBE_CODE)
+        vm.set_user_memory_region(slot, 0, 0, 4096, m.addr)
+        try:
+            with vm.create_vcpu(1) as v:
+                s = v.get_sregs()
+                s.cs.base = s.cs.selector = 0
+                v.set_sregs(s)
+                r = v.get_regs()
+                r.rip, r.rflags = 0, 2
+                v.set_regs(r)
+                ex = v.run()
+                if ex.reason == ExitReason.IO and ex.io is not None and \
+                        ex.io.direction == IoDirection.OUT and ex.io.port == 0x80:
+                    return int(v.get_regs().rip) == 0
+        except KvmError:
+            pass
+        finally:
+            vm.set_user_memory_region(slot, 0, 0, 0, 0)
+    return "kvm_pvm" not in kvm_module().split(",")
 
 
 def _probe_max_gpa_bits(vm: Vm) -> int:

@@ -15,16 +15,18 @@ from kvmpy.uapi import ExitReason, Hypercall, KvmHcError
 pytestmark = pytest.mark.guest
 
 
-def test_out_exit_reports_data_and_rip_after(guests):
-    """OUT exits with io.direction OUT, the data at kvm_run + io.data_offset and RIP after."""
+def test_out_exit_reports_data_and_rip_at_the_out(guests):
+    """OUT exits with io.direction OUT, the data at kvm_run + io.data_offset and RIP still at
+    the OUT (x86.c kvm_fast_pio_out()); the next KVM_RUN skips it (complete_fast_pio_out())."""
     g = guests("mov dx, 0x1234\nmov eax, 0xa1b2c3d4\nout dx, eax\nhlt")
     assert g.h.run() == 0
     assert g.h.exit_reason == ExitReason.IO
     io = g.h.run_struct.exit.io
     assert (io.direction, io.size, io.port, io.count, io.data_offset) == (1, 4, 0x1234, 1, 4096)
     assert g.h.io_data(4) == struct.pack("<I", 0xA1B2C3D4)
-    assert g.h.get_regs().rip == 0x10000 + 4 + 5 + 1
+    assert g.h.get_regs().rip == 0x10000 + 4 + 5
     assert g.h.run() == 0 and g.h.exit_reason == ExitReason.HLT
+    assert g.h.get_regs().rip == 0x10000 + 4 + 5 + 1 + 1
 
 
 def test_in_keeps_rip_until_next_run_completes_it(guests):

@@ -53,6 +53,7 @@ from .x86.physmem import TRAP_HWPOISON, PhysFault
 IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
 HYPERCALL_OPCODES = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")      # vmcall, vmmcall
 QUIRK_FIX_HYPERCALL_INSN = 1 << 5   # KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+QUIRK_OUT_7E_INC_RIP = 1 << 3       # KVM_X86_QUIRK_OUT_7E_INC_RIP
 EHWPOISON = 133                     # include/uapi/asm-generic/errno.h
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h) and the EPT-violation qualification
 # of a not-present instruction fetch: the emulated CPU is Intel, so KVM's exit data are VMX's.
@@ -63,6 +64,7 @@ EPT_QUAL_FETCH = 0x184
 VECTORING_VALID, VECTORING_HW_EXC, VECTORING_SOFT_INT = 1 << 31, 3 << 8, 4 << 8
 VECTORING_ERRCODE = 1 << 11
 IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
+OUT_OPCODES = frozenset({0xE6, 0xE7, 0xEE, 0xEF})
 PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0})
 
 
@@ -74,7 +76,7 @@ class VcpuExits(VcpuCpuState):
     last_internal_reason: str
     _kicked: bool
     _pending: tuple[Any, ...] | None
-    _plain_in: dict[int, bool]
+    _io_opcode: dict[int, int]
     _pf_retry: tuple[int, int] | None
     _fix_exception: bool
     trace: E.BlockTrace
@@ -157,23 +159,26 @@ class VcpuExits(VcpuCpuState):
             va, n = va + chunk, n - chunk
         return out
 
-    def _is_plain_in(self, rip: int) -> bool:
-        known = self._plain_in.get(rip)
-        if known is not None:
-            return known
-        plain = self._decode_plain_in(rip)
-        self._plain_in[rip] = plain
-        return plain
+    def _is_plain_io(self, rip: int, opcodes: frozenset[int]) -> bool:
+        """The IN/OUT at ``rip`` is a plain one (opcode in ``opcodes``), not INS/OUTS: KVM
+        handles the two differently (svm.c io_interception(), vmx.c handle_io(): string IO
+        goes through the instruction emulator, plain IO through kvm_fast_pio())."""
+        op = self._io_opcode.get(rip)
+        if op is None:
+            op = self._io_opcode[rip] = self._decode_io_opcode(rip)
+        return op < 0 or op in opcodes
 
-    def _decode_plain_in(self, rip: int) -> bool:
+    def _decode_io_opcode(self, rip: int) -> int:
+        """The opcode byte after the prefixes, -1 if the bytes cannot be read (then taken as
+        plain IO)."""
         try:
             b = self._read_virt(rip, 15)
         except (GuestFault, PhysFault):
-            return True
+            return -1
         i = 0
         while i < 14 and (b[i] in PREFIXES or 0x40 <= b[i] <= 0x4F):
             i += 1
-        return b[i] in IN_OPCODES
+        return b[i]
 
     def _invalid_insn(self) -> int | None:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)

@@ -103,6 +103,13 @@ class Profile:
     pre_fault_absent_errno: int = errno.EOPNOTSUPP
     #: kvm_mmu_max_gfn(): memslots must end below 1 << max_gpa_bits.
     max_gpa_bits: int = 52
+    #: A plain OUT that exits (KVM_EXIT_IO) reports RIP at the OUT; the next KVM_RUN skips it
+    #: (x86.c kvm_fast_pio_out() -> complete_fast_pio_out(), reached from svm.c
+    #: io_interception() / vmx.c handle_io()), but for port 0x7e with
+    #: KVM_X86_QUIRK_OUT_7E_INC_RIP. False: RIP after the OUT at the exit, as the out-of-tree
+    #: kvm_pvm does (its instruction emulator retires every OUT). Behaviour, not a capability:
+    #: not in profile_answers(), so ci/compare-profiles does not compare it.
+    out_exit_rip_at_insn: bool = True
     #: Whether a guest_memfd slot may pass userspace_addr 0 (not validated by KVM at all).
     extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
 

@@ -64,7 +64,14 @@ from .cpustate import (
     _reset_sregs,
 )
 from .dispatch import Entry, Ptr, Table, call, check_table
-from .exits import HYPERCALL_OPCODES, IO_DATA_OFFSET, VcpuExits
+from .exits import (
+    HYPERCALL_OPCODES,
+    IN_OPCODES,
+    IO_DATA_OFFSET,
+    OUT_OPCODES,
+    QUIRK_OUT_7E_INC_RIP,
+    VcpuExits,
+)
 from .gmem import poison_epoch, sync_poison
 from .sigwatch import SignalWatch
 from .x86 import engine as E
@@ -152,7 +159,7 @@ class EmuVcpu(VcpuExits):
         self._run_thread = 0
         self._inv_cond = threading.Condition()
         self._ensured_gen = -1
-        self._plain_in: dict[int, bool] = {}     # IN instruction RIP -> not a string IN
+        self._io_opcode: dict[int, int] = {}     # IN/OUT instruction RIP -> its opcode
         self._fix_exception = False
         self._closed = False
         self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
@@ -445,7 +452,7 @@ class EmuVcpu(VcpuExits):
             if self.phys.flush_needed:
                 self.phys.flush_needed = False
                 uc.ctl_flush_tb()
-                self._plain_in.clear()
+                self._io_opcode.clear()
             if self._interrupted():
                 return self._intr("kick" if self._kicked else "signal")
             if self._deferred is not None:
@@ -539,19 +546,26 @@ class EmuVcpu(VcpuExits):
         kind = ev[0]
         if kind == "out":
             _, port, size, value, insn_rip = ev
-            if self.regs.read(X.UC_X86_REG_RIP) == insn_rip:
+            next_rip = self.regs.read(X.UC_X86_REG_RIP)
+            self._pending = ("out",)
+            if next_rip == insn_rip:
                 # A REP OUTS with elements left restarts: KVM's emulator sets RF then.
                 self.regs.write(X.UC_X86_REG_RFLAGS,
                                 self.regs.read(X.UC_X86_REG_RFLAGS) | RFLAGS_RF)
                 self._rf_possible = True
+            elif self._out_rip_at_insn(port) and self._is_plain_io(insn_rip, OUT_OPCODES):
+                # x86.c kvm_fast_pio_out(): a plain OUT exits with RIP still at it;
+                # complete_fast_pio_out() skips it on the next KVM_RUN. String OUTS is
+                # retired by the instruction emulator before the exit (RIP after it).
+                self.regs.write(X.UC_X86_REG_RIP, insn_rip)
+                self._pending = ("pio_out", insn_rip, next_rip)
             self._io_exit(IoDirection.OUT, port, size)
             ctypes.memmove(self.run_addr + IO_DATA_OFFSET, value.to_bytes(size, "little"), size)
-            self._pending = ("out",)
             return self._exit(ExitReason.IO)
         if kind == "in":
             _, port, size, in_rip, rax = ev
             next_rip = self.regs.read(X.UC_X86_REG_RIP)
-            if not self._is_plain_in(in_rip):
+            if not self._is_plain_io(in_rip, IN_OPCODES):
                 return self._internal(InternalSuberror.EMULATION,
                                       "string IN (ins) is not modelled", [in_rip])
             self.regs.write(X.UC_X86_REG_RIP, in_rip)
@@ -600,6 +614,17 @@ class EmuVcpu(VcpuExits):
             return self._emulation_failure(f"instruction fetch from gpa {ev[1]:#x} outside "
                                            "every memslot", ev[1])
         return self._internal(InternalSuberror.UNEXPECTED_EXIT_REASON, f"event {ev!r}", [])
+
+    def _out_rip_at_insn(self, port: int) -> bool:
+        """A plain OUT to ``port`` exits with RIP at it (the profile's out_exit_rip_at_insn),
+        except port 0x7e while KVM_X86_QUIRK_OUT_7E_INC_RIP is enabled (the default):
+        kvm_fast_pio_out() then skips the OUT before the exit. A stand-in VM without a
+        profile (x86/fakevm.py) is mainline KVM."""
+        profile = getattr(self.vm, "profile", None)
+        if not getattr(profile, "out_exit_rip_at_insn", True):
+            return False
+        return port != 0x7E or bool(getattr(self.vm, "disabled_quirks", 0)
+                                    & QUIRK_OUT_7E_INC_RIP)
 
     def _quiet_stop(self) -> int | None:
         """emu_start ended before its count with nothing reported: HLT (unicorn has no HLT
@@ -690,7 +715,7 @@ class EmuVcpu(VcpuExits):
         self._smm = SmmState(saved, view)
         self.regs = eng.regs
         self._pending = None
-        self._plain_in.clear()
+        self._io_opcode.clear()
         self.trace.forget()
 
     def _smm_view(self) -> kvm_sregs:
@@ -784,7 +809,7 @@ class EmuVcpu(VcpuExits):
         raw = eng.read(self._smbase + SMRAM_SAVE, SMRAM_SIZE)
         self.regs = self._regs64
         self._smm = None
-        self._plain_in.clear()
+        self._io_opcode.clear()
         self.trace.forget()
         if raw is None:
             return self._exit(ExitReason.SHUTDOWN)
@@ -805,6 +830,14 @@ class EmuVcpu(VcpuExits):
         if p is None or p[0] == "out":
             return
         uc = self.uc
+        if p[0] == "pio_out":
+            # complete_fast_pio_out(): skip the OUT unless userspace moved RIP off it
+            # (kvm_is_linear_rip(); CS base is 0 in 64-bit mode, and KVM_SET_SREGS is
+            # refused in SMM, so comparing RIP is enough).
+            _, out_rip, next_rip = p
+            if self.regs.read(X.UC_X86_REG_RIP) == out_rip:
+                self.regs.write(X.UC_X86_REG_RIP, next_rip)
+            return
         if p[0] == "in":
             _, in_rip, next_rip, size = p
             # complete_fast_pio_in(): dropped if userspace moved RIP; sizes below 4 merge
