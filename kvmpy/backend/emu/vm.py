@@ -71,8 +71,9 @@ class EmuVm:
         self.type = vm_type
         self.profile = profile
         self.exit_hypercall_mask = 0
-        #: kvm->arch.disabled_quirks (KVM_CAP_DISABLE_QUIRKS2). Recorded only: the one with a
-        #: memory effect, SLOT_ZAP_ALL, decides whether deleting/moving a slot zaps all SPTEs
+        #: kvm->arch.disabled_quirks (KVM_CAP_DISABLE_QUIRKS2). FIX_HYPERCALL_INSN (#UD for the
+        #: other vendor's hypercall) and OUT_7E_INC_RIP (exits.py, vcpu.py) act on it; the one
+        #: with a memory effect, SLOT_ZAP_ALL, decides whether deleting/moving a slot zaps all SPTEs
         #: (kvm_mmu_zap_all_fast()) or the slot's (kvm_mmu_zap_memslot()); the emulator's
         #: invalidation is exact either way, which differs from a zap-all only in cost.
         self.disabled_quirks = 0
