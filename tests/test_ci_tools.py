@@ -322,6 +322,52 @@ def test_build_kernel_rejects_a_non_kernel_tree(tmp_path: Path) -> None:
     assert "not a kernel source tree" in r.stderr or "missing tools" in r.stderr
 
 
+# -- build-selftests ---------------------------------------------------------------------------
+
+def build_selftests(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CI / "build-selftests"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def fake_kernel_tree(root: Path) -> Path:
+    kvm = root / "tools" / "testing" / "selftests" / "kvm"
+    (kvm / "x86_64").mkdir(parents=True)
+    (root / "Makefile").write_text("kernelversion:\n\t@echo 6.12.0\n")
+    (kvm / "Makefile").write_text("")
+    for t in ("guest_memfd_test", "x86_64/private_mem_kvm_exits_test"):
+        (kvm / f"{t}.c").write_text("")
+    return root
+
+
+def test_build_selftests_needs_source_and_out(tmp_path: Path) -> None:
+    r = build_selftests("--source", str(tmp_path))
+    assert r.returncode == 2 and "--source and --out are required" in r.stderr
+
+
+def test_build_selftests_rejects_a_non_kernel_tree(tmp_path: Path) -> None:
+    r = build_selftests("--source", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "not a kernel source tree" in r.stderr or "missing tools" in r.stderr
+
+
+def test_build_selftests_rejects_an_extra_that_is_not_c(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("")
+    r = build_selftests("--source", str(fake_kernel_tree(tmp_path / "k")), "--out",
+                        str(tmp_path / "o"), "--extra", str(tmp_path / "x.txt"))
+    assert r.returncode == 2
+    assert "is not a .c file" in r.stderr or "missing tools" in r.stderr
+
+
+def test_build_selftests_names_a_test_the_tree_lacks(tmp_path: Path) -> None:
+    """x86/NAME maps to x86_64/NAME on a pre-6.13 tree; a name in neither fails before make."""
+    tree = fake_kernel_tree(tmp_path / "k")
+    r = build_selftests("--source", str(tree), "--out", str(tmp_path / "o"), "--tests",
+                        "x86/private_mem_kvm_exits_test x86/no_such_test")
+    assert r.returncode == 2
+    assert ("x86_64/no_such_test.c is not in" in r.stderr and "6.12.0" in r.stderr) or \
+        "missing tools" in r.stderr
+
+
 def test_kernel_fragment_asks_for_what_the_suite_needs() -> None:
     text = (CI / "kernel.config").read_text()
     for sym in ("CONFIG_KVM_SW_PROTECTED_VM=y", "CONFIG_EXPERT=y", "CONFIG_KVM_AMD=y",
