@@ -14,6 +14,7 @@ from .system import _cap_name, _vm_type_name
 from .uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
+    Cap,
     Ioctl,
     MemFlag,
     MemoryAttribute,
@@ -73,6 +74,7 @@ class Vm(FdObject):
         self.memslots: dict[int, Memslot] = {}
         self.vcpus: list[Vcpu] = []
         self._gmems: list[GuestMemfd] = []
+        self._has_region2: bool | None = None
 
     def __repr__(self) -> str:
         return f"<Vm fd {self.fd} {_vm_type_name(self.type)} on {self.backend.name}>"
@@ -136,9 +138,20 @@ class Vm(FdObject):
             self._record(self._memslot(r, guest_memfd))
         return err
 
+    def has_region2(self) -> bool:
+        """Whether KVM_SET_USER_MEMORY_REGION2 exists (KVM_CAP_USER_MEMORY2, 6.8+; before it
+        the ioctl is ENOTTY and no slot can be a guest_memfd slot). Asked once per VM."""
+        if self._has_region2 is None:
+            self._has_region2 = bool(self.check_extension(Cap.USER_MEMORY2))
+        return self._has_region2
+
     def delete_memslot(self, slot: int) -> None:
-        """Delete ``slot`` (KVM_SET_USER_MEMORY_REGION2 with size 0)."""
-        self.set_user_memory_region2(slot, 0, 0, 0, 0)
+        """Delete ``slot``: KVM_SET_USER_MEMORY_REGION2 with size 0, or the v1 ioctl on a kernel
+        without REGION2 (both reach __kvm_set_memory_region(), which deletes on size 0)."""
+        if self.has_region2():
+            self.set_user_memory_region2(slot, 0, 0, 0, 0)
+        else:
+            self.set_user_memory_region(slot, 0, 0, 0, 0)
 
     @staticmethod
     def _region(slot: int, flags: int, gpa: int, size: int,

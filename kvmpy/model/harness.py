@@ -174,7 +174,7 @@ class ModelHarness:
     # --- memslots -----------------------------------------------------------------------------
     def set_slot(self, slot: int, gpa: int, size: int, gmem: int | None = None,
                  gmem_offset: int = 0, hva: str = "backing") -> None:
-        """KVM_SET_USER_MEMORY_REGION2 for harness slot ``slot`` (KVM slot SLOT_BASE + slot):
+        """KVM_SET_USER_MEMORY_REGION2 (v1 where REGION2 is missing) for harness slot ``slot`` (KVM slot SLOT_BASE + slot):
         ``hva`` "backing" (a fresh memfd) or "gmem" (the guest_memfd's mapping at the offset);
         ``gmem`` binds the slot with KVM_MEM_GUEST_MEMFD."""
         step = self._step("set_slot", slot, gpa, size, gmem=gmem, gmem_offset=gmem_offset, hva=hva)
@@ -191,26 +191,36 @@ class ModelHarness:
         gm = self.gmems[gmem] if gmem is not None else None
         flags = MemFlag.GUEST_MEMFD if gm is not None else 0
         want = self.model.set_slot(slot, gpa, size, hva, gmem, gmem_offset)
-        got = self.g.vm.try_set_user_memory_region2(SLOT_BASE + slot, flags, gpa, size, addr,
-                                                    gm, gmem_offset if gm else 0)
-        self._expect_errno(step, got, want)
+        vm = self.g.vm
+        if gm is None and not vm.has_region2():  # before 6.8: v1 only, no guest_memfd slots
+            got = vm.try_set_user_memory_region(SLOT_BASE + slot, flags, gpa, size, addr)
+        else:
+            got = vm.try_set_user_memory_region2(SLOT_BASE + slot, flags, gpa, size, addr,
+                                                 gm, gmem_offset if gm else 0)
+        # The backing is KVM's (kept, closed with the harness) or freed before the check, so a
+        # mismatch leaks no memfd.
         if got:
             if backing is not None:
                 backing.close()
         elif backing is not None:
             self.backings[slot] = backing
+        self._expect_errno(step, got, want)
         self.check(_record=False)
 
     def delete_slot(self, slot: int) -> None:
         """Delete harness slot ``slot`` (memory_size 0)."""
         step = self._step("delete_slot", slot)
         want = self.model.delete_slot(slot)
-        got = self.g.vm.try_set_user_memory_region2(SLOT_BASE + slot, 0, 0, 0, 0)
-        self._expect_errno(step, got, want)
+        vm = self.g.vm
+        if vm.has_region2():
+            got = vm.try_set_user_memory_region2(SLOT_BASE + slot, 0, 0, 0, 0)
+        else:
+            got = vm.try_set_user_memory_region(SLOT_BASE + slot, 0, 0, 0, 0)
         if not got:
             b = self.backings.pop(slot, None)
             if b is not None:
                 b.close()
+        self._expect_errno(step, got, want)
         self.check(_record=False)
 
     # --- attributes ---------------------------------------------------------------------------
