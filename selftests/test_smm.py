@@ -12,7 +12,9 @@ userspace only (KVM_SET_MSRS). Skips where KVM_CAP_X86_SMM is 0 (this host's kvm
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -29,7 +31,6 @@ from kvmpy.system import Kvm
 from kvmpy.testing.require import require_cap
 from kvmpy.uapi import Cap, ExitReason, IoDirection, kvm_regs
 from kvmpy.vcpu import Vcpu
-from kvmpy.vm import Vm
 
 pytestmark = pytest.mark.guest
 
@@ -63,22 +64,34 @@ class _Low:
         self.mem.mapping.write(off, data)
 
 
-def _smm_vm(kvm: Kvm, vm: Vm, low: SharedMemory, smram: SharedMemory, handler: bytes) -> Vcpu:
+@contextlib.contextmanager
+def _smm_vcpu(kvm: Kvm, handler: bytes) -> Iterator[tuple[Vcpu, SharedMemory]]:
     """smm_test.c's setup: guest code in address space 0, SMRAM (address space 1) with the
-    handler at +0x8000, SMBASE moved there, the vCPU in long mode at the guest code."""
-    build_low_memory(_Low(low), asm(GUEST, CODE))  # type: ignore[arg-type]
-    vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
-    vm.set_user_memory_region(SMRAM_MEMSLOT, 0, SMRAM_GPA, SMRAM_SIZE, smram.addr)
-    smram.mapping.write(0x8000, handler)
-    vcpu = vm.create_vcpu(0)
-    vcpu.set_cpuid2(kvm.get_supported_cpuid())
-    assert vcpu.get_msrs([MSR_IA32_SMBASE]) == [0x30000]      # kvm_vcpu_reset()
-    vcpu.set_msrs({MSR_IA32_SMBASE: SMRAM_GPA})
-    vcpu.set_sregs(long_mode_sregs())
-    r = kvm_regs()
-    r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
-    vcpu.set_regs(r)
-    return vcpu
+    handler at +0x8000, SMBASE moved there, the vCPU in long mode at the guest code; yields
+    (the vCPU, SMRAM) and closes the VM before its memory."""
+    require_cap(kvm, Cap.X86_SMM)
+    with kvm.create_vm(0) as vm:
+        require_cap(vm, Cap.MULTI_ADDRESS_SPACE, 2)
+        low = SharedMemory(kvm.backend, LOW_SIZE)
+        smram = SharedMemory(kvm.backend, SMRAM_SIZE)
+        try:
+            build_low_memory(_Low(low), asm(GUEST, CODE))  # type: ignore[arg-type]
+            vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
+            vm.set_user_memory_region(SMRAM_MEMSLOT, 0, SMRAM_GPA, SMRAM_SIZE, smram.addr)
+            smram.mapping.write(0x8000, handler)
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid2(kvm.get_supported_cpuid())
+            assert vcpu.get_msrs([MSR_IA32_SMBASE]) == [0x30000]      # kvm_vcpu_reset()
+            vcpu.set_msrs({MSR_IA32_SMBASE: SMRAM_GPA})
+            vcpu.set_sregs(long_mode_sregs())
+            r = kvm_regs()
+            r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
+            vcpu.set_regs(r)
+            yield vcpu, smram
+        finally:
+            vm.close()
+            low.close()
+            smram.close()
 
 
 def _stage(kvm: Kvm, vcpu: Vcpu) -> int:
@@ -89,39 +102,29 @@ def _stage(kvm: Kvm, vcpu: Vcpu) -> int:
 
 
 def test_smi_handler_runs_in_smram_and_rsm_resumes(kvm: Kvm) -> None:
-    require_cap(kvm, Cap.X86_SMM)
-    with kvm.create_vm(0) as vm:
-        require_cap(vm, Cap.MULTI_ADDRESS_SPACE, 2)
-        low = SharedMemory(kvm.backend, LOW_SIZE)
-        smram = SharedMemory(kvm.backend, SMRAM_SIZE)
-        try:
-            vcpu = _smm_vm(kvm, vm, low, smram, SMI_HANDLER)
-            assert _stage(kvm, vcpu) == 1
-            vcpu.smi()
-            # The IN completes first, then the SMI is taken: the handler's IN exits in SMM.
-            assert _stage(kvm, vcpu) == SMRAM_STAGE
-            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-            assert (regs.rip, regs.rbx & 0xFF, regs.r12) == (0x8004, 0x55, 0xC0FFEE)
-            assert (sregs.cs.base, sregs.cs.selector) == (SMRAM_GPA, (SMRAM_GPA >> 4) & 0xFFFF)
-            assert (sregs.cr0 & 0x80000001, sregs.cr4, sregs.efer) == (0, 0, 0)
-            save = smram.mapping.read(0xFE00, 512)
-            revision, smbase = struct.unpack_from("<II", save, 0xFC)
-            saved_rip, = struct.unpack_from("<Q", save, 0x178)
-            saved_rbx, = struct.unpack_from("<Q", save, 0x180 + 8 * (15 - 3))
-            saved_efer, = struct.unpack_from("<Q", save, 0xD0)
-            assert (revision, smbase) == (0x00020064, SMRAM_GPA)
-            assert saved_rbx == 0x1122334455667788 and saved_efer & 0xD00 == 0xD00
-            # RSM resumes after the stage-1 IN with the saved registers.
-            assert _stage(kvm, vcpu) == 2
-            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-            assert regs.rip == saved_rip + 2          # the stage-2 IN follows "mov al, 2"
-            assert (regs.rbx, regs.r12) == (0x1122334455667788, 0xC0FFEE)
-            assert (sregs.cs.base, sregs.cs.selector, sregs.efer & 0x500) == (0, 8, 0x500)
-            assert _stage(kvm, vcpu) == DONE
-        finally:
-            vm.close()
-            low.close()
-            smram.close()
+    with _smm_vcpu(kvm, SMI_HANDLER) as (vcpu, smram):
+        assert _stage(kvm, vcpu) == 1
+        vcpu.smi()
+        # The IN completes first, then the SMI is taken: the handler's IN exits in SMM.
+        assert _stage(kvm, vcpu) == SMRAM_STAGE
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        assert (regs.rip, regs.rbx & 0xFF, regs.r12) == (0x8004, 0x55, 0xC0FFEE)
+        assert (sregs.cs.base, sregs.cs.selector) == (SMRAM_GPA, (SMRAM_GPA >> 4) & 0xFFFF)
+        assert (sregs.cr0 & 0x80000001, sregs.cr4, sregs.efer) == (0, 0, 0)
+        save = smram.mapping.read(0xFE00, 512)
+        revision, smbase = struct.unpack_from("<II", save, 0xFC)
+        saved_rip, = struct.unpack_from("<Q", save, 0x178)
+        saved_rbx, = struct.unpack_from("<Q", save, 0x180 + 8 * (15 - 3))
+        saved_efer, = struct.unpack_from("<Q", save, 0xD0)
+        assert (revision, smbase) == (0x00020064, SMRAM_GPA)
+        assert saved_rbx == 0x1122334455667788 and saved_efer & 0xD00 == 0xD00
+        # RSM resumes after the stage-1 IN with the saved registers.
+        assert _stage(kvm, vcpu) == 2
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        assert regs.rip == saved_rip + 2          # the stage-2 IN follows "mov al, 2"
+        assert (regs.rbx, regs.r12) == (0x1122334455667788, 0xC0FFEE)
+        assert (sregs.cs.base, sregs.cs.selector, sregs.efer & 0x500) == (0, 8, 0x500)
+        assert _stage(kvm, vcpu) == DONE
 
 
 # Handler that edits the save area: the low dword of the saved RBX (gprs[15 - VCPU_REGS_RBX])
@@ -135,22 +138,12 @@ EDIT_HANDLER = (bytes([0x66, 0xB8]) + struct.pack("<I", 0x600DF00D)        # mov
 def test_rsm_loads_the_state_save_area(kvm: Kvm) -> None:
     """rsm_load_state_64() reads the registers back from SMRAM: a handler's change to the saved
     RBX is what the guest sees after RSM (the handler's own EAX is not)."""
-    require_cap(kvm, Cap.X86_SMM)
-    with kvm.create_vm(0) as vm:
-        require_cap(vm, Cap.MULTI_ADDRESS_SPACE, 2)
-        low = SharedMemory(kvm.backend, LOW_SIZE)
-        smram = SharedMemory(kvm.backend, SMRAM_SIZE)
-        try:
-            vcpu = _smm_vm(kvm, vm, low, smram, EDIT_HANDLER)
-            assert _stage(kvm, vcpu) == 1
-            vcpu.smi()
-            assert _stage(kvm, vcpu) == 2
-            regs = vcpu.get_regs()
-            assert (regs.rbx, regs.r12) == (0x11223344600DF00D, 0xC0FFEE)
-        finally:
-            vm.close()
-            low.close()
-            smram.close()
+    with _smm_vcpu(kvm, EDIT_HANDLER) as (vcpu, _):
+        assert _stage(kvm, vcpu) == 1
+        vcpu.smi()
+        assert _stage(kvm, vcpu) == 2
+        regs = vcpu.get_regs()
+        assert (regs.rbx, regs.r12) == (0x11223344600DF00D, 0xC0FFEE)
 
 
 def test_smbase_is_userspace_only(kvm: Kvm) -> None:
