@@ -4,6 +4,8 @@ kvmpy (dry runs: nothing boots here; tests/test_ci_tools.py boots via ci/vm-run)
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
 import subprocess
@@ -160,3 +162,67 @@ def test_ci_vm_run_keeps_its_defaults(tmp_path: Path) -> None:
     assert r.returncode == 0 and "ci/vm-run --kernel PATH" in r.stdout
     text = " ".join(r.stdout.split())
     assert f"default {REPO / 'results' / 'vm'}" in text and f"(default: {REPO / '.venv'})" in text
+
+
+def read_newc(data: bytes) -> dict[str, tuple[int, int, bytes]]:
+    """name -> (mode, mtime, data) of a newc cpio archive."""
+    out, pos = {}, 0
+    while True:
+        f = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (f[1], f[5], data[pos:pos + filesize])
+        pos = (pos + filesize + 3) & ~3
+
+
+def test_ram_root_keeps_mtimes_links_and_parents(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RAM layer must hold each file at its real path with its mtime (Python validates the
+    prewarmed bytecode against it), links as links, and every parent directory."""
+    monkeypatch.setattr(vm, "RAM_SKIP_PREFIXES", ("/proc/",))
+    lib = tmp_path / "lib"
+    (lib / "pkg" / "sub").mkdir(parents=True)
+    (lib / "pkg" / "__pycache__").mkdir()
+    (lib / "pkg" / "__init__.py").write_text("x = 1\n")
+    (lib / "pkg" / "sub" / "lazy.py").write_text("y = 2\n")      # never opened by the trace
+    (lib / "pkg" / "__pycache__" / "junk.pyc").write_bytes(b"stale")
+    (lib / "single.py").write_text("z = 3\n")
+    (lib / "unused.py").write_text("w = 4\n")
+    os.utime(lib / "pkg" / "__init__.py", (1_600_000_000, 1_600_000_000))
+    exe = tmp_path / "bin" / "python3.11"
+    exe.parent.mkdir()
+    exe.write_bytes(b"\x7fELF")
+    exe.chmod(0o755)
+    (tmp_path / "bin" / "python").symlink_to("python3.11")
+    trace = tmp_path / "opens.0.json"
+    trace.write_text(json.dumps({"files": [str(lib / "pkg" / "__init__.py"),
+                                           str(lib / "single.py"), "/proc/self/status"],
+                                 "path": [str(lib)]}))
+    files = vm.ram_root_files([trace], str(tmp_path / "bin" / "python"), None,
+                              tmp_path / "no-prefix", None)
+    names = {str(p) for p in files}
+    assert str(lib / "pkg" / "sub" / "lazy.py") in names      # the whole traced package
+    assert str(lib / "single.py") in names and str(lib / "unused.py") not in names
+    assert not any("__pycache__" in n or n.startswith("/proc") for n in names)
+    bb = tmp_path / "busybox"
+    bb.write_bytes(b"\x7fELF")
+    out = tmp_path / "initrd"
+    vm.build_initramfs(out, bb, [], None, 100, "1G", files)
+    arc = read_newc(out.read_bytes())
+    init_py = arc["ram" + str(lib / "pkg" / "__init__.py")]
+    assert init_py[1] == 1_600_000_000 and init_py[2] == b"x = 1\n"
+    link = arc["ram" + str(tmp_path / "bin" / "python")]
+    assert link[0] & 0o170000 == 0o120000 and link[2] == b"python3.11"
+    assert arc["ram" + str(exe)][0] & 0o777 == 0o755
+    parts = str(lib).strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        assert arc["ram/" + "/".join(parts[:i])][0] & 0o170000 == 0o040000
+    assert "ram" in arc
+    init = arc["init"][2].decode()
+    assert "lowerdir=/ram:/9p" in init and "mount --bind /9p $R" in init
+    # Without RAM files: the 9p share is the root, as before.
+    vm.build_initramfs(out, bb, [], None, 100, "1G")
+    assert "lowerdir=/ram" not in read_newc(out.read_bytes())["init"][2].decode()

@@ -104,18 +104,24 @@ def sha256(path: Path) -> str:
 
 # -- the initramfs -------------------------------------------------------------------------------
 
-def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+Entry = tuple[str, int, bytes, int]   # (name, mode, data, mtime)
+
+
+def cpio_newc(entries: list[Entry]) -> bytes:
     """A newc cpio archive (Documentation/driver-api/early-userspace/buffer-format.rst) of
-    (name, mode, data) entries; directories have data b""."""
+    (name, mode, data, mtime) entries; directories have data b"", a symlink its target. The
+    kernel keeps mtime (CONFIG_INITRAMFS_PRESERVE_MTIME), which the RAM root needs: Python
+    checks a .py file's mtime against its prewarmed bytecode."""
     out = io.BytesIO()
 
     def pad(n: int) -> None:
         out.write(b"\0" * ((4 - n % 4) % 4))
 
-    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+    for ino, (name, mode, data, mtime) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)],
+                                                     start=1):
         nb = name.encode() + b"\0"
         nlink = 2 if mode & 0o040000 else 1
-        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(nb), 0)
+        fields = (ino, mode, 0, 0, nlink, mtime, len(data), 0, 0, 0, 0, len(nb), 0)
         hdr = b"070701" + b"".join(f"{v:08x}".encode() for v in fields)
         out.write(hdr + nb)
         pad(len(hdr) + len(nb))
@@ -198,8 +204,7 @@ for m in $(cat /modules.order 2>/dev/null); do
 done
 R=/host
 mkdir -p $R
-mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=512000,ro hostroot $R || die "cannot mount the host root over 9p"
-mount -t proc proc $R/proc && mount -t sysfs sys $R/sys && mount -t devtmpfs dev $R/dev || die "cannot mount proc/sys/dev"
+@ROOT@mount -t proc proc $R/proc && mount -t sysfs sys $R/sys && mount -t devtmpfs dev $R/dev || die "cannot mount proc/sys/dev"
 mount -t tmpfs -o mode=1777,size=@TMPSIZE@ tmp $R/tmp || die "cannot mount tmpfs on /tmp"
 mount -t tmpfs run $R/run
 mkdir -p $R/dev/shm $R/dev/pts && mount -t tmpfs -o mode=1777 shm $R/dev/shm && mount -t devpts pts $R/dev/pts
@@ -218,7 +223,21 @@ poweroff -f
 sleep 10
 """
 
-OVERLAY = r"""if ! mount -t overlay overlay -o lowerdir=$R@REPO@,upperdir=$R/tmp/ovl/up,workdir=$R/tmp/ovl/work $R@REPO@; then
+NINEP = "mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=512000,ro hostroot"
+ROOT_9P = NINEP + ' $R || die "cannot mount the host root over 9p"\n'
+# The root as an overlay: the host files the suite reads (in this initramfs, under /ram) over
+# the 9p share, with a tmpfs upper layer (the whole root is writable, in RAM). Under TCG each 9p
+# request costs a virtio round trip, and Python's start-up and pytest's collection make
+# thousands (stat, open, read); from RAM they cost nothing. Anything else still comes from 9p.
+ROOT_RAM = ("mkdir -p /9p /ovl\n" + NINEP + ' /9p || die "cannot mount the host root over 9p"\n'
+            + r"""if mount -t tmpfs -o mode=0755 ovl /ovl && mkdir -p /ovl/up /ovl/work && mount -t overlay overlay -o lowerdir=/ram:/9p,upperdir=/ovl/up,workdir=/ovl/work $R; then
+  RAMROOT=1; echo "vm init: root = $(du -sm /ram | cut -f1) MiB of host files in RAM over the 9p share"
+else
+  echo "vm init: no RAM overlay: the root is the 9p share"; mount --bind /9p $R || die "cannot bind the 9p root"
+fi
+""")
+
+OVERLAY = r"""if [ -z "$RAMROOT" ] && ! mount -t overlay overlay -o lowerdir=$R@REPO@,upperdir=$R/tmp/ovl/up,workdir=$R/tmp/ovl/work $R@REPO@; then
   echo "vm init: no overlay over @REPO@: the repository is read-only in the guest"
 fi
 """
@@ -252,20 +271,26 @@ timeout -s INT -k 30 @SUITE_TIMEOUT@ /bin/bash -c @CMD@ 2>&1 | cat"""
 
 
 def build_initramfs(path: Path, busybox: Path, modules: list[tuple[str, bytes]],
-                    repo: Path | None, inner_timeout: int, tmp_size: str) -> None:
-    """``repo``: the checkout the guest runs in, under an overlay; None: an installed kvmpy."""
+                    repo: Path | None, inner_timeout: int, tmp_size: str,
+                    ram_files: list[Path] | None = None) -> None:
+    """``repo``: the checkout the guest runs in, under an overlay; None: an installed kvmpy.
+    ``ram_files``: host files the guest gets in RAM, under /ram, as the top layer of its root
+    (ram_root_files())."""
+    ram = ram_entries(ram_files) if ram_files else []
     overlay = OVERLAY.replace("@REPO@", str(repo)) if repo is not None else ""
-    init = (INIT.replace("@OVERLAY@", overlay).replace("@MARK@", MARK)
+    root = ROOT_RAM if ram else ROOT_9P
+    init = (INIT.replace("@ROOT@", root).replace("@OVERLAY@", overlay).replace("@MARK@", MARK)
             .replace("@INNER@", str(inner_timeout)).replace("@TMPSIZE@", tmp_size))
     d = 0o040755
-    entries: list[tuple[str, int, bytes]] = [
-        ("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("sys", d, b""), ("host", d, b""),
-        ("lib", d, b""), ("lib/modules", d, b""),
-        ("bin/busybox", 0o100755, busybox.read_bytes()),
-        ("init", 0o100755, init.encode()),
-        ("modules.order", 0o100644, "".join(f"{n}\n" for n, _ in modules).encode()),
+    entries: list[Entry] = [
+        ("bin", d, b"", 0), ("dev", d, b"", 0), ("proc", d, b"", 0), ("sys", d, b"", 0),
+        ("host", d, b"", 0), ("lib", d, b"", 0), ("lib/modules", d, b"", 0),
+        ("bin/busybox", 0o100755, busybox.read_bytes(), 0),
+        ("init", 0o100755, init.encode(), 0),
+        ("modules.order", 0o100644, "".join(f"{n}\n" for n, _ in modules).encode(), 0),
     ]
-    entries += [(f"lib/modules/{n}.ko", 0o100644, data) for n, data in modules]
+    entries += [(f"lib/modules/{n}.ko", 0o100644, data, 0) for n, data in modules]
+    entries += ram
     # Not compressed: gzip costs more CPU than the copy it saves (QEMU loads it from memory).
     path.write_bytes(cpio_newc(entries))
 
@@ -304,14 +329,15 @@ def prebuild_guests(python: str, repo: Path | None) -> Path:
     return cache
 
 
-def prewarm_bytecode(python: str, repo: Path | None) -> Path:
+def prewarm_bytecode(python: str, repo: Path | None, trace: Path) -> Path:
     """Compile, on the host, the bytecode the guest's Python would otherwise compile under TCG,
     into a pycache prefix the guest reads over the read-only root (PYTHONPYCACHEPREFIX; same
     interpreter, same paths, same mtimes). Measured on 7.3: pytest's assertion rewriting of the
     test modules and of kvmpy (a pytest plugin, so rewritten whole) was 60% of the guest's
     collection time, because the guest cannot write __pycache__. Collecting the selftests once
     here (the checkout's, or the installed kvmpy.selftests) writes both the rewritten and the
-    plain bytecode that collection imports."""
+    plain bytecode that collection imports. ``trace``: the steps' file traces go to
+    trace.0.json, trace.1.json (TRACE_OPENS)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     prefix = Path(base) / "kvmpy" / "pycache"
     prefix.mkdir(parents=True, exist_ok=True)
@@ -320,17 +346,151 @@ def prewarm_bytecode(python: str, repo: Path | None) -> Path:
     t = time.monotonic()
     suite = ["selftests"] if repo is not None else [
         "-p", "kvmpy.testing.plugin", "--pyargs", "kvmpy.selftests"]
-    steps = [[python, "-c", "import kvmpy.app.cli, kvmpy.app.run, kvmpy.caps"],
-             [python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+    steps = [["-c", "import kvmpy.app.cli, kvmpy.app.run, kvmpy.caps"],
+             ["-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
               "--backend", "kvm", *suite]]
-    for cmd in steps:
+    for i, step in enumerate(steps):
+        # Each step also records what it opens (TRACE_OPENS), for the guest's RAM root.
+        cmd = [python, "-c", TRACE_OPENS, str(trace.with_suffix(f".{i}.json")), *step]
         r = subprocess.run(cmd, cwd=repo or tempfile.gettempdir(), env=env,
                            capture_output=True, text=True)
-        if r.returncode:   # only a cost: the guest compiles what is missing
-            log(f"bytecode prewarm step {cmd[2:4]} failed (exit {r.returncode}): "
+        if r.returncode:   # only a cost: the guest compiles (and reads over 9p) what is missing
+            log(f"bytecode prewarm step {step[:2]} failed (exit {r.returncode}): "
                 f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     log(f"bytecode compiled on the host in {time.monotonic() - t:.1f} s -> {prefix}")
     return prefix
+
+
+#: Run as ``python -c TRACE_OPENS OUT.json (-c CODE | -m MODULE) ARGS...``: runs the code or
+#: module like the interpreter would, recording every file it opens (the "open" audit event of
+#: open(), io.open_code() - imports, bytecode -, os.open) and every loaded module's file, with
+#: the final sys.path, into OUT.json. Standard library only.
+TRACE_OPENS = r"""
+import json, os, runpy, sys
+out, mode, target, *rest = sys.argv[1:]
+seen = set()
+def hook(event, args):
+    if event == "open" and isinstance(args[0], str):
+        seen.add(os.path.abspath(args[0]))
+sys.addaudithook(hook)
+sys.argv = [target if mode == "-m" else "-c", *rest]
+try:
+    if mode == "-m":
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+finally:
+    seen.update(os.path.abspath(f) for m in list(sys.modules.values())
+                if isinstance(f := getattr(m, "__file__", None), str))
+    with open(out, "w") as f:
+        json.dump({"files": sorted(seen), "path": [os.path.abspath(p) for p in sys.path if p]}, f)
+"""
+
+#: Bounds on the RAM root: a top-level package bigger than this contributes only the files the
+#: trace saw; a tree bigger than the total is not used (the guest reads everything over 9p).
+RAM_PACKAGE_MAX = 32 << 20
+RAM_TOTAL_MAX = 384 << 20
+#: Never copied: the guest has its own /tmp, /proc, /sys, /dev; caches and VCS data.
+RAM_SKIP_PREFIXES = ("/proc/", "/sys/", "/dev/", "/tmp/")
+RAM_SKIP_DIRS = {"__pycache__", ".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache",
+                 ".hypothesis", "results", "build", "dist"}
+
+
+def _walk_files(top: Path, skip: set[str]) -> list[Path]:
+    out = []
+    for d, dirs, files in os.walk(top):
+        dirs[:] = [x for x in dirs if x not in skip and not x.endswith(".egg-info")]
+        out += [Path(d) / f for f in files]
+    return out
+
+
+def ram_root_files(traces: list[Path], python: str, repo: Path | None, pycache: Path,
+                   venv: Path | None) -> list[Path]:
+    """The host files to give the guest in RAM: what the prewarm steps opened (traces), each
+    traced module's whole top-level package (a run imports more of a package than collection
+    does), the checkout (minus caches and .git), the bytecode prefix, and the interpreter with
+    its venv files. Paths are real paths, so no directory of the RAM layer shadows a symlink."""
+    files: set[str] = set()
+    roots: set[str] = set()
+    for t in traces:
+        try:
+            data = json.loads(t.read_text())
+        except (OSError, ValueError):
+            continue
+        files.update(data.get("files", []))
+        roots.update(data.get("path", []))
+    lib_roots = sorted((os.path.realpath(r) for r in roots if os.path.isdir(r)),
+                       key=len, reverse=True)
+    chosen: set[Path] = set()
+    tops: set[str] = set()
+    for f in files:
+        rf = os.path.realpath(f)
+        if not os.path.isfile(rf) or rf.startswith(RAM_SKIP_PREFIXES):
+            continue
+        chosen.add(Path(rf))
+        root = next((r for r in lib_roots if rf.startswith(r + "/")), None)
+        if root is not None and (repo is None or root != str(repo)):
+            top = rf[len(root) + 1:].split("/")[0]
+            if os.path.isdir(os.path.join(root, top)):
+                tops.add(os.path.join(root, top))
+    for top in tops:
+        walked = _walk_files(Path(top), RAM_SKIP_DIRS)
+        if sum(p.stat().st_size for p in walked) <= RAM_PACKAGE_MAX:
+            chosen.update(walked)
+    extra: list[Path] = []
+    if repo is not None:
+        extra += _walk_files(repo, RAM_SKIP_DIRS)
+    if pycache.is_dir():
+        extra += _walk_files(pycache, set())
+    exe = Path(python)
+    extra += [exe]
+    if venv is not None:
+        extra += [venv / "pyvenv.cfg", *(p for p in (venv / "bin").glob("*")
+                                         if p.name.startswith("python")
+                                         or p.name in ("kvmpy", "pytest"))]
+    for p in extra:
+        chosen.add(p)
+    return sorted(chosen)
+
+
+def ram_entries(paths: list[Path]) -> list[Entry]:
+    """cpio entries under ram/ for host files, with their parent directories, mode and mtime.
+    A symlink is kept as a link (when its directory is real) and its target added."""
+    entries: dict[str, Entry] = {"ram": ("ram", 0o040755, b"", 0)}
+
+    def add_dirs(path: str) -> None:
+        parts = path.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if "ram/" + d not in entries:
+                entries["ram/" + d] = ("ram/" + d, 0o040755, b"", 0)
+
+    todo = [str(p) for p in paths]
+    while todo:
+        p = todo.pop()
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if "ram" + p in entries:
+            continue
+        if os.path.islink(p):
+            if os.path.realpath(os.path.dirname(p)) != os.path.dirname(p):
+                todo.append(os.path.realpath(p))
+                continue
+            add_dirs(p)
+            entries["ram" + p] = ("ram" + p, 0o120777, os.readlink(p).encode(), 0)
+            target = os.path.join(os.path.dirname(p), os.readlink(p))
+            todo.append(os.path.normpath(target))
+        elif os.path.isfile(p):
+            rp = os.path.realpath(p)
+            if rp != p:
+                todo.append(rp)
+                continue
+            add_dirs(p)
+            entries["ram" + p] = ("ram" + p, 0o100000 | (st.st_mode & 0o7777),
+                                  Path(p).read_bytes(), int(st.st_mtime))
+    return [entries[k] for k in sorted(entries)]
 
 
 # -- machine resources ---------------------------------------------------------------------------
@@ -488,6 +648,10 @@ def parser(prog: str, results: Path, venv: Path | None) -> argparse.ArgumentPars
                    help="auto: nested KVM if this host offers it, else TCG")
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--memory", default="3G")
+    p.add_argument("--no-ram-root", dest="ram_root", action="store_false",
+                   help="read everything over 9p (default: the files the suite reads, traced "
+                        "on the host, are copied into the guest's RAM as the top layer of its "
+                        "root)")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds for the whole VM, boot to power-off (default 1800)")
     p.add_argument("--boot-timeout", type=float, default=180,
@@ -640,8 +804,21 @@ def _run(args: argparse.Namespace, suite_args: list[str], repo: Path | None) -> 
     env_lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(os.environ.items())
                         if k.startswith("KVMPY_") and k != "KVMPY_GUEST_CACHE")
     guest_cache = prebuild_guests(python, repo)
+    work = Path(tempfile.mkdtemp(prefix="kvmpy-vm-"))
     # Also for --exec: its command may run kvmpy (ci/bench-vm does).
-    pycache = prewarm_bytecode(python, repo)
+    pycache = prewarm_bytecode(python, repo, work / "opens")
+    ram: list[Path] = []
+    if args.ram_root:
+        ram = ram_root_files(sorted(work.glob("opens.*.json")), python, repo, pycache,
+                             Path(python).parent.parent if args.venv is not None
+                             else Path(sys.prefix))
+        size = sum(p.stat().st_size for p in ram if p.is_file())
+        if size > RAM_TOTAL_MAX:
+            log(f"RAM root of {size >> 20} MiB is over {RAM_TOTAL_MAX >> 20} MiB: the guest "
+                "reads everything over 9p")
+            ram = []
+        else:
+            log(f"RAM root: {len(ram)} host files, {size >> 20} MiB, over the 9p root")
     if args.exec_cmd is not None:
         run = RUN_EXEC.replace("@CMD@", shlex.quote(args.exec_cmd))
     else:
@@ -657,11 +834,10 @@ def _run(args: argparse.Namespace, suite_args: list[str], repo: Path | None) -> 
                 .replace("@SUITE_TIMEOUT@", str(suite_timeout)))
     (results / "guest.sh").write_text(guest_sh)
 
-    work = Path(tempfile.mkdtemp(prefix="kvmpy-vm-"))
     try:
         initrd = work / "initramfs.cpio"
         # init's own kill comes after the suite's (SIGINT at the budget, SIGKILL 30 s later).
-        build_initramfs(initrd, busybox, modules, repo, suite_timeout + 60, "4G")
+        build_initramfs(initrd, busybox, modules, repo, suite_timeout + 60, "4G", ram)
         hp = f"hugepages={args.hugepages} " if args.hugepages else ""
         cmdline = ("console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/init "
                    "tsc=reliable no_timer_check " + hp + args.append).strip()
