@@ -67,6 +67,16 @@ def _src(out: str, port: int) -> str:
     """
 
 
+def _program(out: str, port: int) -> tuple[bytes, int, int]:
+    src = _src(out, port)
+    return (asm(src, CODE), CODE + code_offset(src, "out_insn"),
+            CODE + code_offset(src, "elsewhere"))
+
+
+# Assembled at import: collection on the host fills asm()'s cache, so a VM run assembles nothing.
+PROGRAMS = {(c[1], c[2]): _program(c[1], c[2]) for c in CASES}
+
+
 def _is_kvm_pvm(kvm: Kvm) -> bool:
     """Real KVM here is the out-of-tree kvm_pvm, or the emulator mirrors it (profile "host")."""
     if kvm.backend.is_real:
@@ -87,10 +97,7 @@ class _Low:
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_out_exit_rip(kvm: Kvm, out: str, port: int, length: int, quirk_off: bool,
                       string: bool, then: str) -> None:
-    src = _src(out, port)
-    code = asm(src, CODE)
-    out_rip = CODE + code_offset(src, "out_insn")
-    elsewhere = CODE + code_offset(src, "elsewhere")
+    code, out_rip, elsewhere = PROGRAMS[out, port]
     with SharedMemory(kvm.backend, LOW_SIZE) as low, kvm.create_vm(0) as vm:
         if quirk_off:
             require_cap(vm, Cap.DISABLE_QUIRKS2, int(Quirk.OUT_7E_INC_RIP))

@@ -54,6 +54,9 @@ GUEST = f"""
     in al, {SYNC_PORT}
     hlt
 """
+# Assembled at import (host collection fills asm()'s cache: a VM run assembles nothing).
+GUEST_CODE = asm(GUEST, CODE)
+RDMSR_SMBASE_CODE = asm(f"mov ecx, {MSR_IA32_SMBASE}\nrdmsr\nhlt", CODE)
 
 
 class _Low:
@@ -75,7 +78,7 @@ def _smm_vcpu(kvm: Kvm, handler: bytes) -> Iterator[tuple[Vcpu, SharedMemory]]:
         low = SharedMemory(kvm.backend, LOW_SIZE)
         smram = SharedMemory(kvm.backend, SMRAM_SIZE)
         try:
-            build_low_memory(_Low(low), asm(GUEST, CODE))  # type: ignore[arg-type]
+            build_low_memory(_Low(low), GUEST_CODE)  # type: ignore[arg-type]
             vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
             vm.set_user_memory_region(SMRAM_MEMSLOT, 0, SMRAM_GPA, SMRAM_SIZE, smram.addr)
             smram.mapping.write(0x8000, handler)
@@ -153,7 +156,7 @@ def test_smbase_is_userspace_only(kvm: Kvm) -> None:
     with kvm.create_vm(0) as vm:
         low = SharedMemory(kvm.backend, LOW_SIZE)
         try:
-            build_low_memory(_Low(low), asm(f"mov ecx, {MSR_IA32_SMBASE}\nrdmsr\nhlt", CODE))  # type: ignore[arg-type]
+            build_low_memory(_Low(low), RDMSR_SMBASE_CODE)  # type: ignore[arg-type]
             vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
             vcpu = vm.create_vcpu(0)
             vcpu.set_cpuid2(kvm.get_supported_cpuid())

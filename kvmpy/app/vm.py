@@ -329,7 +329,8 @@ def prebuild_guests(python: str, repo: Path | None) -> Path:
     return cache
 
 
-def prewarm_bytecode(python: str, repo: Path | None, trace: Path) -> Path:
+def prewarm_bytecode(python: str, repo: Path | None, trace: Path,
+                     guest_cache: Path | None = None) -> Path:
     """Compile, on the host, the bytecode the guest's Python would otherwise compile under TCG,
     into a pycache prefix the guest reads over the read-only root (PYTHONPYCACHEPREFIX; same
     interpreter, same paths, same mtimes). Measured on 7.3: pytest's assertion rewriting of the
@@ -343,6 +344,8 @@ def prewarm_bytecode(python: str, repo: Path | None, trace: Path) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(prefix)
+    if guest_cache is not None:  # what collection assembles (fakevm.asm) lands in the guest's cache
+        env["KVMPY_GUEST_CACHE"] = str(guest_cache)
     t = time.monotonic()
     suite = ["selftests"] if repo is not None else [
         "-p", "kvmpy.testing.plugin", "--pyargs", "kvmpy.selftests"]
@@ -806,7 +809,7 @@ def _run(args: argparse.Namespace, suite_args: list[str], repo: Path | None) -> 
     guest_cache = prebuild_guests(python, repo)
     work = Path(tempfile.mkdtemp(prefix="kvmpy-vm-"))
     # Also for --exec: its command may run kvmpy (ci/bench-vm does).
-    pycache = prewarm_bytecode(python, repo, work / "opens")
+    pycache = prewarm_bytecode(python, repo, work / "opens", guest_cache)
     ram: list[Path] = []
     if args.ram_root:
         ram = ram_root_files(sorted(work.glob("opens.*.json")), python, repo, pycache,

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -23,8 +25,48 @@ from ..memslots import EmuMemslot
 RUN_SIZE = 3 * 4096
 
 
+_ASM_MEMO: dict[tuple[str, int], bytes] = {}
+
+
+def _toolchain_id() -> str:
+    """as and ld by path, size and mtime: cheap (no subprocess) and the same in a VM whose root
+    is this machine's."""
+    parts = []
+    for tool in ("as", "ld"):
+        path = shutil.which(tool)
+        st = os.stat(path) if path else None
+        parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}" if st else f"{tool}:missing")
+    return ";".join(parts)
+
+
 def asm(src: str, base: int = 0) -> bytes:
-    """Assemble Intel-syntax x86-64 ``src`` linked at ``base`` into a flat binary."""
+    """Assemble Intel-syntax x86-64 ``src`` linked at ``base`` into a flat binary. Results are
+    kept in memory and on disk beside the built guests (kvmpy.guest.build.cache_dir()/asm,
+    keyed by source, base and toolchain): under TCG one as+ld pair costs ~2 s, and a VM run
+    reads what the host assembled (issue 15: nothing is compiled in the guest)."""
+    memo = _ASM_MEMO.get((src, base))
+    if memo is not None:
+        return memo
+    from ....guest.build import cache_dir
+
+    key = hashlib.sha256(f"{_toolchain_id()}\n{base:#x}\n{src}".encode()).hexdigest()
+    path = cache_dir() / "asm" / f"{key[:40]}.bin"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = _assemble(src, base)
+        try:  # a read-only or missing cache only costs time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    _ASM_MEMO[(src, base)] = data
+    return data
+
+
+def _assemble(src: str, base: int) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         with open(f"{d}/a.s", "w") as f:
             f.write(".intel_syntax noprefix\n.code64\n.globl _start\n_start:\n" + src + "\n")
