@@ -63,7 +63,7 @@ from .cpustate import (
     RFLAGS_RF,
     _reset_sregs,
 )
-from .dispatch import Entry, Ptr, Table, call, check_table
+from .dispatch import CopyIn, CopyOut, Entry, Ptr, Table, call, check_table
 from .exits import (
     HYPERCALL_OPCODES,
     IN_OPCODES,
@@ -185,13 +185,14 @@ class EmuVcpu(VcpuExits):
         return f"<EmuVcpu {self.id}>"
 
     # ================================================================ ioctl dispatch
-    def ioctl(self, request: int, arg: int) -> int:
+    def ioctl(self, request: int, arg: int, cin: CopyIn = copy_from_user,
+              cout: CopyOut = copy_to_user) -> int:
         if self._closed:
             raise OSError(errno.EBADF, "vCPU is closed")
         e = VCPU_IOCTLS.get(request)
         if e is not None:
             with self._ioctl_lock:
-                return call(e, request, arg, copy_from_user, copy_to_user, self)
+                return call(e, request, arg, cin, cout, self)
         from .backend import is_kvm_ioctl
 
         if is_kvm_ioctl(request):

@@ -25,6 +25,7 @@ from ...uapi import (
     kvm_run,
 )
 from .attributes import AttributeMap
+from .dispatch import CopyIn, CopyOut
 from .gmem import EmuGmem
 from .memslots import EmuMemslot, MemslotTable, RegionArgs, is_private_vm, set_memory_region
 from .profiles import KVM_MAX_VCPU_IDS, Profile
@@ -43,7 +44,7 @@ CAP_MULTI_ADDRESS_SPACE = int(Cap.MULTI_ADDRESS_SPACE)
 class VcpuLike(Protocol):
     """What the core needs from emu-vcpu's EmuVcpu (docs: emu-contract)."""
 
-    def ioctl(self, request: int, arg: int) -> int: ...
+    def ioctl(self, request: int, arg: int, cin: CopyIn = ..., cout: CopyOut = ...) -> int: ...
     def invalidate(self, gpa_lo: int, gpa_hi: int) -> None: ...
     def invalidate_hva(self, lo: int, hi: int, wait: bool = True) -> None: ...
     def kick(self) -> None: ...
