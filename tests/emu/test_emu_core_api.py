@@ -187,6 +187,37 @@ def test_fds_are_real_unique_and_forgotten(ekvm: Kvm) -> None:
         v.close()
 
 
+def test_fd_lookup_cache_follows_the_file_not_the_number(ekvm: Kvm) -> None:
+    """The backend's fd -> object cache (EmuBackend._lookup) must not outlive the file: an
+    fd number closed behind its back and reused by another VM's file is that VM, a raw lseek()
+    of a VM fd does not make it foreign, and a dup() is the same VM."""
+    b = ekvm.backend
+    assert isinstance(b, EmuBackend)
+    a, other = ekvm.create_vm(), ekvm.create_vm()
+    fd = a.fd
+    vm_a, vm_other = b.object_of(fd), b.object_of(other.fd)
+    assert vm_a is not None and vm_other is not None and vm_a is not vm_other
+    assert b.ioctl(fd, Ioctl.KVM_CHECK_EXTENSION, int(Cap.USER_MEMORY)) == 1   # cached now
+    os.lseek(fd, 0, os.SEEK_SET)
+    assert b.object_of(fd) is vm_a
+    d = os.dup(fd)
+    try:
+        assert b.object_of(d) is vm_a
+    finally:
+        os.close(d)
+    os.dup2(other.fd, fd)           # the number now names the other VM's file
+    try:
+        assert b.object_of(fd) is vm_other
+        assert b.object_of(fd) is vm_other     # and so it stays once cached
+    finally:
+        os.close(fd)
+        a.fd = -1
+    with pytest.raises(OSError) as ei:
+        b.ioctl(fd, Ioctl.KVM_CHECK_EXTENSION, int(Cap.USER_MEMORY))
+    assert ei.value.errno == errno.EBADF
+    other.close()
+
+
 def test_vcpu_creation_without_vcpu_module_is_explicit(ekvm: Kvm) -> None:
     try:
         import kvmpy.backend.emu.vcpu  # noqa: F401
