@@ -18,17 +18,22 @@ installed (asyncio's loop) is restored afterwards and gets every byte that arriv
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 
 _pipe: tuple[int, int] | None = None
 _pipe_lock = threading.Lock()
+# A poll of the pipe's read end: an empty pipe answers poll(0) with [] (~0.4 us), where a read
+# raises BlockingIOError (~1.4 us), and every KVM_RUN looks at least three times.
+_poller: tuple[int, select.poll] | None = None
 
 
 def _forget_pipe() -> None:
     # The child of a fork() must not share the parent's pipe (each would read the other's).
-    global _pipe
+    global _pipe, _poller
     _pipe = None
+    _poller = None
 
 
 os.register_at_fork(after_in_child=_forget_pipe)
@@ -37,6 +42,9 @@ os.register_at_fork(after_in_child=_forget_pipe)
 
 def _get_pipe() -> tuple[int, int]:
     global _pipe
+    p = _pipe
+    if p is not None:       # made once per process: no lock needed to read it
+        return p
     with _pipe_lock:
         if _pipe is None:
             _pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -44,6 +52,14 @@ def _get_pipe() -> tuple[int, int]:
 
 
 def _drain(fd: int) -> bytes:
+    global _poller
+    pl = _poller
+    if pl is None or pl[0] != fd:
+        po = select.poll()
+        po.register(fd, select.POLLIN)
+        _poller = pl = (fd, po)
+    if not pl[1].poll(0):
+        return b""
     out = b""
     while True:
         try:
