@@ -67,9 +67,10 @@ class KvmStruct(ctypes.Structure):
         if b is not None:
             lo, hi, n, arr = b
             if n == 0:
-                # The common case (a plain int in range) without building check_int's message
-                # arguments: kvm_run fields are set on every KVM_RUN of the emulated KVM.
-                if type(value) is not int or not lo <= value <= hi:
+                # The common case (an int or IntEnum in range) without building check_int's
+                # message arguments: kvm_run fields are set on every KVM_RUN of the emulated KVM.
+                if not (isinstance(value, int) and not isinstance(value, bool)
+                        and lo <= value <= hi):
                     check_int(f"{type(self).__name__}.{name}", value, lo, hi, _width(lo, hi))
             elif not isinstance(value, ctypes.Array):
                 items = list(value)
