@@ -570,7 +570,10 @@ class EmuVcpu(VcpuExits):
                 return self._internal(InternalSuberror.EMULATION,
                                       "string IN (ins) is not modelled", [in_rip])
             self.regs.write(X.UC_X86_REG_RIP, in_rip)
-            self.regs.write(X.UC_X86_REG_RAX, rax)
+            if size == 4:
+                # _on_in() gave the engine RAX's own low bytes, so only a 4-byte IN (which
+                # zero-extends into RAX) changed the register.
+                self.regs.write(X.UC_X86_REG_RAX, rax)
             self._io_exit(IoDirection.IN, port, size)
             self._pending = ("in", in_rip, next_rip, size)
             return self._exit(ExitReason.IO)
