@@ -23,13 +23,16 @@ class Preemptible(Protocol):
 
 class RunScheduler:
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # Entered through its lock: Condition.__enter__ is a Python-level call (~0.3 us) on
+        # every KVM_RUN's acquire and release; holding the lock is holding the condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._owner: Preemptible | None = None
         self._since = 0.0
         self._queue: deque[object] = deque()
 
     def acquire(self, who: Preemptible) -> None:
-        with self._cond:
+        with self._lock:
             if self._owner is None and not self._queue:      # uncontended: no hand-over
                 self._owner = who
                 self._since = time.monotonic()
@@ -58,7 +61,7 @@ class RunScheduler:
             self._cond.notify_all()
 
     def release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._owner = None
             if self._queue:
                 self._cond.notify_all()
