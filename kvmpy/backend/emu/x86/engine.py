@@ -164,6 +164,8 @@ class FastRegs:
         self._ptrs = (ctypes.c_void_p * len(GPRS))(*[base + 8 * i for i in range(len(GPRS))])
         self._one = ctypes.c_uint64()
         self._one_p = ctypes.cast(ctypes.pointer(self._one), ctypes.c_void_p)
+        self._rd = uclib.uc_reg_read
+        self._wr = uclib.uc_reg_write
 
     def read_gprs(self) -> list[int]:
         self._check(self._lib.uc_reg_read_batch(self._h, self._ids, self._ptrs, len(GPRS)))
@@ -179,13 +181,19 @@ class FastRegs:
             self._vals[i] = v
         self._check(self._lib.uc_reg_write_batch(self._h, self._ids, self._ptrs, len(GPRS)))
 
+    # read/write run several times per exit: the C function is bound once and the error check
+    # is a branch, not a call.
     def read(self, reg: int) -> int:
-        self._check(self._lib.uc_reg_read(self._h, reg, self._one_p))
-        return int(self._one.value)
+        err = self._rd(self._h, reg, self._one_p)
+        if err:
+            self._check(err)
+        return self._one.value
 
     def write(self, reg: int, value: int) -> None:
         self._one.value = value & 0xFFFF_FFFF_FFFF_FFFF
-        self._check(self._lib.uc_reg_write(self._h, reg, self._one_p))
+        err = self._wr(self._h, reg, self._one_p)
+        if err:
+            self._check(err)
 
     @staticmethod
     def _check(err: int) -> None:
