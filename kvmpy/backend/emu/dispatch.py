@@ -9,7 +9,9 @@ copy_from_user/copy_to_user ``sizeof(struct)`` bytes:
   handler gets a zeroed struct), and copied back when it has _IOC_READ and the handler
   returned (always, for ``copy_back_on_error`` entries);
 - ``int``: the argument is a value, not a pointer (_IO ioctls);
-- ``Ptr``: a variable-size argument (a header and a flexible array); the handler copies itself.
+- ``Ptr``: a variable-size argument (a header and a flexible array); the handler copies itself;
+- ``Out``: an _IOR struct the handler returns as its _IOC_SIZE bytes, copied out as they are
+  (no struct is built and copied twice: KVM_GET_REGS runs on every ucall).
 
 ``built_in`` models an ioctl compiled out of the modelled kernel (its case missing from the
 switch): the request then takes the fd's default path before anything is read. A request
@@ -37,9 +39,13 @@ class Ptr:
     """Argument type marker: the handler gets the user pointer (variable-size argument)."""
 
 
+class Out:
+    """Argument type marker: the handler takes no argument and returns the bytes to copy out."""
+
+
 class Entry(NamedTuple):
     argtype: type
-    handler: Callable[..., int | None]
+    handler: Callable[..., Any]     # int | None; bytes for Out entries
     built_in: Callable[[Any], bool] | None = None
     copy_back_on_error: bool = False
 
@@ -52,21 +58,31 @@ CopyOut = Callable[[int, bytes], None]
 def check_table(table: Table) -> Table:
     """Every struct argument has the size the request number encodes (at import time)."""
     for request, e in table.items():
-        if e.argtype not in (int, Ptr):
+        if e.argtype is Out:
+            assert ioc_dir(request) == IOC_READ, hex(request)
+        elif e.argtype not in (int, Ptr):
             assert ctypes.sizeof(e.argtype) == ioc_size(request), (hex(request), e.argtype)
     return table
 
 
 def call(e: Entry, request: int, arg: int, cin: CopyIn, cout: CopyOut, *objs: Any) -> int:
     """Decode ``arg`` for entry ``e``, run ``e.handler(*objs, decoded)``, copy back."""
+    r: int
     if e.argtype is int or e.argtype is Ptr:
-        return e.handler(*objs, arg) or 0
+        r = e.handler(*objs, arg) or 0
+        return r
+    if e.argtype is Out:
+        data = e.handler(*objs)
+        assert isinstance(data, bytes) and len(data) == ioc_size(request)
+        cout(arg, data)
+        return 0
     size = ioc_size(request)
     direction = ioc_dir(request)
     s = (e.argtype.from_buffer_copy(cin(arg, size)) if direction & IOC_WRITE  # type: ignore[attr-defined]
          else e.argtype())
     if not direction & IOC_READ:
-        return e.handler(*objs, s) or 0
+        r = e.handler(*objs, s) or 0
+        return r
     ok = False
     try:
         r = e.handler(*objs, s) or 0

@@ -63,7 +63,7 @@ from .cpustate import (
     RFLAGS_RF,
     _reset_sregs,
 )
-from .dispatch import CopyIn, CopyOut, Entry, Ptr, Table, call, check_table
+from .dispatch import CopyIn, CopyOut, Entry, Out, Ptr, Table, call, check_table
 from .exits import (
     HYPERCALL_OPCODES,
     IN_OPCODES,
@@ -214,8 +214,8 @@ class EmuVcpu(VcpuExits):
             if self._closed:
                 self._teardown()
 
-    def _ioctl_get_regs(self, out: kvm_regs) -> None:
-        ctypes.memmove(ctypes.addressof(out), self.regs.gprs_bytes(), ctypes.sizeof(out))
+    def _ioctl_get_regs(self) -> bytes:
+        return self.regs.gprs_bytes()
 
     def _ioctl_get_sregs(self, out: kvm_sregs) -> None:
         s = self._smm_view() if self._smm is not None else self._get_sregs()
@@ -904,7 +904,7 @@ class EmuVcpu(VcpuExits):
 V = EmuVcpu
 VCPU_IOCTLS: Table = check_table({
     R.KVM_RUN:          Entry(int, V._ioctl_run),
-    R.KVM_GET_REGS:     Entry(kvm_regs, V._ioctl_get_regs),
+    R.KVM_GET_REGS:     Entry(Out, V._ioctl_get_regs),
     R.KVM_SET_REGS:     Entry(kvm_regs, V._set_regs),
     R.KVM_GET_SREGS:    Entry(kvm_sregs, V._ioctl_get_sregs),
     R.KVM_SET_SREGS:    Entry(kvm_sregs, V._ioctl_set_sregs),
