@@ -85,16 +85,7 @@ class EmuGuest:
 
 @pytest.fixture
 def mem_loop() -> Iterator[EmuGuest]:
-    g = EmuGuest(f"""
-    mov rbx, 0x90000
-    mov rcx, {LOOP_ITERS}
-    1: mov rax, [rbx]
-       add rax, rcx
-       mov [rbx], rax
-       dec rcx
-       jnz 1b
-    hlt
-    """)
+    g = _mem_loop_guest()
     yield g
     g.close()
 
