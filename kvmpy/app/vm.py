@@ -490,9 +490,13 @@ def ram_entries(paths: list[Path]) -> list[Entry]:
             if rp != p:
                 todo.append(rp)
                 continue
+            try:
+                data = Path(p).read_bytes()
+            except OSError:  # gone or unreadable since the trace: the guest reads it over 9p
+                continue
             add_dirs(p)
-            entries["ram" + p] = ("ram" + p, 0o100000 | (st.st_mode & 0o7777),
-                                  Path(p).read_bytes(), int(st.st_mtime))
+            entries["ram" + p] = ("ram" + p, 0o100000 | (st.st_mode & 0o7777), data,
+                                  int(st.st_mtime))
     return [entries[k] for k in sorted(entries)]
 
 
@@ -808,20 +812,24 @@ def _run(args: argparse.Namespace, suite_args: list[str], repo: Path | None) -> 
                         if k.startswith("KVMPY_") and k != "KVMPY_GUEST_CACHE")
     guest_cache = prebuild_guests(python, repo)
     work = Path(tempfile.mkdtemp(prefix="kvmpy-vm-"))
-    # Also for --exec: its command may run kvmpy (ci/bench-vm does).
-    pycache = prewarm_bytecode(python, repo, work / "opens", guest_cache)
-    ram: list[Path] = []
-    if args.ram_root:
-        ram = ram_root_files(sorted(work.glob("opens.*.json")), python, repo, pycache,
-                             Path(python).parent.parent if args.venv is not None
-                             else Path(sys.prefix))
-        size = sum(p.stat().st_size for p in ram if p.is_file())
-        if size > RAM_TOTAL_MAX:
-            log(f"RAM root of {size >> 20} MiB is over {RAM_TOTAL_MAX >> 20} MiB: the guest "
-                "reads everything over 9p")
-            ram = []
-        else:
-            log(f"RAM root: {len(ram)} host files, {size >> 20} MiB, over the 9p root")
+    try:
+        # Also for --exec: its command may run kvmpy (ci/bench-vm does).
+        pycache = prewarm_bytecode(python, repo, work / "opens", guest_cache)
+        ram: list[Path] = []
+        if args.ram_root:
+            ram = ram_root_files(sorted(work.glob("opens.*.json")), python, repo, pycache,
+                                 Path(python).parent.parent if args.venv is not None
+                                 else Path(sys.prefix))
+            size = sum(p.stat().st_size for p in ram if p.is_file())
+            if size > RAM_TOTAL_MAX:
+                log(f"RAM root of {size >> 20} MiB is over {RAM_TOTAL_MAX >> 20} MiB: the guest "
+                    "reads everything over 9p")
+                ram = []
+            else:
+                log(f"RAM root: {len(ram)} host files, {size >> 20} MiB, over the 9p root")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if args.exec_cmd is not None:
         run = RUN_EXEC.replace("@CMD@", shlex.quote(args.exec_cmd))
     else:
