@@ -31,7 +31,8 @@ from kvmpy.vm import Vm
 # Installed (kvmpy.selftests, no repository conftest.py above it): load kvmpy's plugins here, so
 # `pytest --pyargs kvmpy.selftests` works on its own; in a checkout the root conftest.py does.
 if not (Path(__file__).resolve().parent.parent / "conftest.py").is_file():
-    pytest_plugins = ["kvmpy.testing.plugin", "kvmpy.testing.ktap", "kvmpy.testing.health"]
+    pytest_plugins = ["kvmpy.testing.plugin", "kvmpy.testing.ktap", "kvmpy.testing.health",
+                      "kvmpy.testing.isolate"]
 
 # --- VM types ---------------------------------------------------------------------------------
 

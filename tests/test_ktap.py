@@ -59,11 +59,13 @@ def parse(text: str) -> tuple[list[str], int, list[tuple[str, int, str, str]], d
     return header, plan, results, totals
 
 
-@pytest.mark.parametrize("workers", ["0", "2"], ids=["no_xdist", "xdist"])
-def test_ktap_file(pytester: pytest.Pytester, workers: str) -> None:
-    pytester.makeconftest('pytest_plugins = ["kvmpy.testing.plugin", "kvmpy.testing.ktap"]')
+@pytest.mark.parametrize("workers", [["-n", "0"], ["-n", "2"], ["-n", "0", "--isolate"]],
+                         ids=["no_xdist", "xdist", "isolate"])
+def test_ktap_file(pytester: pytest.Pytester, workers: list[str]) -> None:
+    pytester.makeconftest('pytest_plugins = ["kvmpy.testing.plugin", "kvmpy.testing.ktap", '
+                          '"kvmpy.testing.isolate"]')
     pytester.makepyfile(test_cases=CASES)
-    r = pytester.runpytest_subprocess("--backend", "both", "-n", workers, "--ktap", "out.ktap",
+    r = pytester.runpytest_subprocess("--backend", "both", *workers, "--ktap", "out.ktap",
                                       "-p", "no:cacheprovider")
     r.assert_outcomes(passed=4, failed=2, skipped=2, xfailed=2, xpassed=2, errors=2)
     header, plan, results, totals = parse((pytester.path / "out.ktap").read_text())

@@ -126,6 +126,31 @@ def test_timeout_fails_the_test(tmp_path: Path) -> None:
     assert "Timeout (>2.0s) from pytest-timeout" in r.stdout
 
 
+CRASHES = """
+import os, signal
+
+def test_before(backend_name):
+    pass
+
+def test_crashes(backend_name):
+    os.kill(os.getpid(), signal.SIGBUS)
+
+def test_after(backend_name):
+    pass
+"""
+
+
+def test_one_worker_is_a_forked_child_a_crash_fails_alone(tmp_path: Path) -> None:
+    (tmp_path / "test_crash.py").write_text(CRASHES)
+    r = kvmpy_run(tmp_path, "--backend", "emu", "-n", "1", "--junit", "j.xml", "test_crash.py")
+    assert r.returncode == EXIT_FAIL, r.stdout + r.stderr
+    assert "--isolate" in r.stdout  # the pytest command line it ran
+    assert ("test_crash.py::test_crashes[emu]  the test process was killed by signal 7 (SIGBUS)"
+            in r.stdout), r.stdout
+    assert "kvmpy: 2 passed, 1 failed, 0 skipped" in r.stdout
+    assert len(list(ET.parse(tmp_path / "j.xml").getroot().iter("testcase"))) == 3
+
+
 def test_pytest_args_and_defaults() -> None:
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -138,6 +163,9 @@ def test_pytest_args_and_defaults() -> None:
         assert any(argv[i:i + len(want)] == want for i in range(len(argv))), (want, argv)
     a.pytest_args = [__file__]  # a path given: no default path
     assert not pytest_args(a)[0].endswith("selftests")
+    a.workers = 1  # one worker: a forked child, not xdist
+    argv = pytest_args(a)
+    assert argv[argv.index("-n"):argv.index("-n") + 3] == ["-n", "0", "--isolate"]
 
 
 @pytest.mark.parametrize("counts,rc,want", [

@@ -1,10 +1,10 @@
 """``kvmpy run``: the suite as one command, the way kernel developers run kselftests.
 
-It runs pytest in-process on ``selftests/`` with pytest-xdist, replaces pytest's terminal output
-with a header (kernel, KVM module and parameters, VM types and guest_memfd flags of each
-backend), a live progress line and a summary naming every failed test, and exits like a
-kselftest: 0 all passed, 1 something failed, 4 everything was skipped (KSFT_SKIP).
-Other exits: 5 nothing was collected, 2 usage error/interrupted/internal error.
+It runs pytest in-process on ``selftests/`` with pytest-xdist (``-n 1``: one forked test process,
+kvmpy.testing.isolate), replaces pytest's terminal output with a header (kernel, KVM module and
+parameters, VM types and guest_memfd flags of each backend), a live progress line and a summary
+naming every failed test, and exits like a kselftest: 0 all passed, 1 something failed, 4
+everything was skipped (KSFT_SKIP). Other exits: 5 nothing was collected, 2 usage error/interrupted/internal error.
 
 Everything here is plain pytest underneath; docs/running.md lists the equivalent invocations.
 """
@@ -116,7 +116,10 @@ def pytest_args(args: argparse.Namespace) -> list[str]:
         out += [f"--rootdir={suite.parent}", "-c", str(SUITE_INI)]
     workers = default_workers() if args.workers is None else args.workers
     out += ["-p", "kvmpy.testing.plugin", "-p", "kvmpy.testing.ktap", "-p", "kvmpy.testing.health",
-            "--backend", args.backend, f"--timeout={args.timeout:g}", "-n", str(workers)]
+            "-p", "kvmpy.testing.isolate", "--backend", args.backend, f"--timeout={args.timeout:g}"]
+    # One worker is crash isolation only: a forked child (kvmpy.testing.isolate) gives it at a
+    # fraction of an xdist worker's per-test cost; 0 runs in this process (for a debugger).
+    out += ["-n", "0", "--isolate"] if workers == 1 else ["-n", str(workers)]
     if args.junit:
         out += [f"--junitxml={args.junit}"]
     if args.ktap:
@@ -229,6 +232,8 @@ _NO_PRIVATE_MEM = (
 
 class Progress:
     """A pytest plugin living in the controller: counts results and draws the progress line."""
+
+    kvmpy_reports_in_parent = True  # kvmpy.testing.isolate: not in its test process
 
     def __init__(self, console: Any, live: bool) -> None:
         self.console = console

@@ -240,6 +240,8 @@ def run_header(config: pytest.Config) -> list[str]:
 class KtapWriter:
     """Collects reports in the process that sees them all, writes the file at session end."""
 
+    kvmpy_reports_in_parent = True  # kvmpy.testing.isolate: not in its test process
+
     def __init__(self, config: pytest.Config, path: str) -> None:
         self.config = config
         self.path = Path(path)

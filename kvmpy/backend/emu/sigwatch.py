@@ -30,10 +30,15 @@ _poller: tuple[int, select.poll] | None = None
 
 
 def _forget_pipe() -> None:
-    # The child of a fork() must not share the parent's pipe (each would read the other's).
+    # The child of a fork() must not share the parent's pipe (each would read the other's): it
+    # gets its own at once, so the pipe still predates the child's tests (a forked test process,
+    # kvmpy.testing.isolate, counts fds a module leaves open).
     global _pipe, _poller
-    _pipe = None
-    _poller = None
+    old, _pipe, _poller = _pipe, None, None
+    if old is not None:
+        for fd in old:
+            os.close(fd)
+        _pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 os.register_at_fork(after_in_child=_forget_pipe)
