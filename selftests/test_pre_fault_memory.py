@@ -36,6 +36,7 @@ from kvmpy.testing.errnos import (
     memslot_accepts_guest_memfd,
     supported_attributes,
 )
+from kvmpy.testing.known_issues import known_issue
 from kvmpy.testing.require import require_cap, skip_missing, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemoryAttribute, kvm_pre_fault_memory
 from kvmpy.vcpu import Vcpu
@@ -51,6 +52,7 @@ U64 = 2**64
 # A pre-fault call racing a memslot deletion must return (api.rst 4.143: EAGAIN while the slot is
 # going away); past this budget the watchdog interrupts it with a signal and the test fails.
 RACE_CALL_BUDGET = 10.0
+KNOWN_DEADLOCK_BUDGET = 3.0  # a known bug here (non-strict xfail): the watchdog only confirms it
 
 
 def _max_gpa_bits(kvm: Kvm) -> int:
@@ -147,7 +149,7 @@ def _one(vcpu: Vcpu, r: kvm_pre_fault_memory) -> int:
 
 # --- upstream's flow: racing slot deletion, then the guest ---------------------------------------
 
-def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> None:
+def _pre_fault_racing(s: Setup, offset: int, size: int, left: int, budget: float) -> None:
     """pre_fault_memory() of the newest upstream test: a worker deletes slot 10 while this
     thread pre-faults, and recreates it when told; the first result (whatever the race gave:
     success, ENOENT or EAGAIN while the slot was gone) is followed by exactly one retry after
@@ -175,7 +177,7 @@ def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> N
     stuck = []
     try:
         while True:
-            with WATCHDOG.watch(s.vcpu, time.monotonic() + RACE_CALL_BUDGET) as w:
+            with WATCHDOG.watch(s.vcpu, time.monotonic() + budget) as w:
                 call = _call(r)
                 err = _one(s.vcpu, r)
             if w.fired:
@@ -200,28 +202,29 @@ def _pre_fault_racing(s: Setup, offset: int, size: int, expected_left: int) -> N
     # Kernels before 6.18 spin in kvm_tdp_map_page() on the invalid slot while the deleting thread
     # waits for SRCU readers: a deadlock only a signal breaks (fixed by "KVM: x86/mmu: Return
     # -EAGAIN if userspace deletes/moves memslot during prefault", KVM x86 MMU changes for 6.18).
-    assert not stuck, (f"KVM_PRE_FAULT_MEMORY did not return within {RACE_CALL_BUDGET:.0f} s while "
+    assert not stuck, (f"KVM_PRE_FAULT_MEMORY did not return within {budget:.0f} s while "
                        f"delete_slot_worker deleted slot {SLOT} (pre-fault vs memslot-deletion "
                        f"deadlock): {'; '.join(stuck)}")
-    assert r.size == expected_left, (f"racing pre-fault of (+{offset:#x}, {size:#x}): "
-                                     f"{r.size:#x} bytes left, expected {expected_left:#x}; "
-                                     f"calls gave {[errname(e) for e in errs]}")
-    expect_errno(err, errno.ENOENT if expected_left else 0,
+    assert r.size == left, (f"racing pre-fault of (+{offset:#x}, {size:#x}): "
+                            f"{r.size:#x} bytes left, expected {left:#x}; "
+                            f"calls gave {[errname(e) for e in errs]}")
+    expect_errno(err, errno.ENOENT if left else 0,
                  f"racing pre-fault of (+{offset:#x}, {size:#x}): calls gave {[errname(e) for e in errs]}")
 
 
 @pytest.mark.parametrize("placement", ["at_4g", "top_of_gpa_space"])
 def test_pre_fault_memory(kvm: Kvm, vm_type: int, variant: str, placement: str,
-                          make_vm: object) -> None:
+                          make_vm: object, request: pytest.FixtureRequest) -> None:
     """pre_fault_memory_test end to end: (0, 2M) completes, (2M, 8K) leaves 4K after ENOENT,
     (2M+4K, 4K) leaves 4K after ENOENT, each with the slot deleted and recreated concurrently;
     then the guest reads every page of the slot and reaches UCALL_DONE (pre_fault_memory_test.c,
     newest upstream)."""
     s = Setup(kvm, vm_type, variant, placement)
+    budget = KNOWN_DEADLOCK_BUDGET if known_issue(request.node.nodeid, kvm.backend.name) else RACE_CALL_BUDGET
     try:
-        _pre_fault_racing(s, 0, M2, 0)
-        _pre_fault_racing(s, M2, 2 * P, P)
-        _pre_fault_racing(s, TEST_SIZE, P, P)
+        _pre_fault_racing(s, 0, M2, 0, budget)
+        _pre_fault_racing(s, M2, 2 * P, P, budget)
+        _pre_fault_racing(s, TEST_SIZE, P, P, budget)
         s.guest_reads_every_page()
     finally:
         s.g.close()
