@@ -38,12 +38,12 @@ pytestmark = pytest.mark.guest
 
 
 def per_test_timeout(request: pytest.FixtureRequest) -> float | None:
-    """pytest-timeout's limit for this test (its marker, else --timeout / the ini value)."""
+    """pytest-timeout's limit for this test (its marker, else --timeout, else the ini value)."""
     m = request.node.get_closest_marker("timeout")
     if m is not None and m.args:
         return float(m.args[0])
     try:
-        value = request.config.getoption("timeout")
+        value = request.config.getoption("timeout") or request.config.getini("timeout")
     except ValueError:
         return None
     return float(value) if value else None
