@@ -7,8 +7,9 @@ report serialisation in both processes, a second collection). Here the process t
 (the parent) forks after collection; the child runs the tests and sends each report back over a
 pipe as pytest's own serialisable form (``pytest_report_to_serializable``); the parent feeds them
 to the reporting hooks (terminal, JUnit, KTAP, ``kvmpy run``'s progress), which run only there.
-If the child dies, the test it was running gets a failed report naming how it died, and a new
-child continues with the next test (its module and session fixtures are set up again).
+If the child dies, the test it was running gets a failed report naming how it died and in which
+phase (its own reports are lost: the child writes once per test), and a new child continues with
+the next test (its module and session fixtures are set up again).
 
 Plugins whose reports belong to the parent are muted in the child: the terminal reporter (its
 writer goes to stderr), JUnit's LogXML, and any plugin with ``kvmpy_reports_in_parent = True``.
@@ -17,9 +18,11 @@ writer goes to stderr), JUnit's LogXML, and any plugin with ``kvmpy_reports_in_p
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import select
 import signal
+import struct
 import sys
 import traceback
 import warnings
@@ -29,6 +32,11 @@ import pytest
 
 #: A plugin with this attribute set is unregistered in the child: the parent reports for it.
 PARENT_ONLY = "kvmpy_reports_in_parent"
+
+#: Shared between the two processes (an anonymous shared mapping made before the fork): the
+#: index of the test the child is running and its phase, for the parent to read if it dies.
+WHERE = struct.Struct("<qq")
+PHASES = ("setup", "call", "teardown")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,24 +67,36 @@ def describe_status(status: int) -> str:
 
 
 class _Forwarder:
-    """In the child: each report and warning, one JSON line on the pipe."""
+    """In the child: each report and warning, one JSON line on the pipe; where it is, in the
+    shared record."""
 
-    def __init__(self, config: pytest.Config, out: IO[str]) -> None:
+    def __init__(self, config: pytest.Config, out: IO[str], where: mmap.mmap,
+                 nodeids: dict[str, int]) -> None:
         self.config = config
         self.out = out
+        self.where = where
+        self.nodeids = nodeids
         # Registering replays the parent's historic pytest_warning_recorded calls (those it
         # already reported): only warnings raised in this process are sent.
         self.live = False
 
-    def send(self, **msg: Any) -> None:
+    def send(self, flush: bool = True, **msg: Any) -> None:
+        # One write per test (at its logfinish): in a TCG VM each write wakes the parent on the
+        # other vCPU. A crash loses the running test's lines; the shared record says which
+        # test and phase it was.
         self.out.write(json.dumps(msg) + "\n")
-        self.out.flush()
+        if flush:
+            self.out.flush()
 
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
-        self.send(ev="start", nodeid=nodeid, location=location)
+        WHERE.pack_into(self.where, 0, self.nodeids[nodeid], 0)
+        self.send(False, ev="start", nodeid=nodeid, location=location)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.send(ev="report", data=self.config.hook.pytest_report_to_serializable(
+        if report.when != "teardown":  # what runs next: call after a setup that passed
+            WHERE.pack_into(self.where, 0, self.nodeids[report.nodeid],
+                            1 if report.when == "setup" and report.passed else 2)
+        self.send(False, ev="report", data=self.config.hook.pytest_report_to_serializable(
             config=self.config, report=report))
 
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
@@ -173,6 +193,8 @@ class Isolate:
         sys.stdout.flush()
         sys.stderr.flush()
         r, w = os.pipe()
+        where = mmap.mmap(-1, WHERE.size)
+        WHERE.pack_into(where, 0, -1, 0)
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() with threads (a live progress line's): the child
             # only runs tests and writes to the pipe, it never touches what those threads hold.
@@ -182,17 +204,19 @@ class Isolate:
             os.close(r)
             code = 70
             try:
-                code = self._child(session, items, start, os.fdopen(w, "w"))
+                out = os.fdopen(w, "w", buffering=1 << 20)
+                code = self._child(session, items, start, _Forwarder(self.config, out, where,
+                                                                     nodeids))
             finally:
                 os._exit(code)
         os.close(w)
-        return self._read_child(session, items, start, nodeids, pid, r)
+        with where:
+            return self._read_child(session, items, start, nodeids, pid, r, where)
 
     def _read_child(self, session: pytest.Session, items: list[pytest.Item], start: int,
-                    nodeids: dict[str, int], pid: int, r: int) -> int:
+                    nodeids: dict[str, int], pid: int, r: int, where: mmap.mmap) -> int:
         hook = self.config.hook
         running: int | None = None
-        phases: list[str] = []
         next_i = start
         outcome: dict[str, Any] = {}
         status: int | None = None
@@ -220,13 +244,12 @@ class Isolate:
                     msg = json.loads(line)
                     ev = msg["ev"]
                     if ev == "start":
-                        running, phases = nodeids[msg["nodeid"]], []
+                        running = nodeids[msg["nodeid"]]
                         hook.pytest_runtest_logstart(nodeid=msg["nodeid"],
                                                      location=tuple(msg["location"]))
                     elif ev == "report":
                         rep = hook.pytest_report_from_serializable(config=self.config,
                                                                    data=_tuples(msg["data"]))
-                        phases.append(rep.when)
                         hook.pytest_runtest_logreport(report=rep)
                     elif ev == "finish":
                         hook.pytest_runtest_logfinish(nodeid=msg["nodeid"],
@@ -260,8 +283,11 @@ class Isolate:
             raise RuntimeError(f"kvmpy --isolate: the test process failed: {outcome['tb']}")
         if running is None and (next_i >= len(items) or ev == "done"):
             return next_i
-        crashed = running if running is not None else next_i
-        self._report_crash(items[crashed], describe_status(status), phases)
+        crashed, phase = (int(x) for x in WHERE.unpack_from(where, 0))
+        if crashed < next_i:  # died between tests, or before the first
+            crashed, phase = next_i, 0
+        self._report_crash(items[crashed], describe_status(status), PHASES[phase],
+                           started=running == crashed)
         return crashed + 1
 
     def _reap(self, pid: int, grace: float) -> int:
@@ -276,11 +302,10 @@ class Isolate:
         os.kill(pid, signal.SIGKILL)
         return os.waitpid(pid, 0)[1]
 
-    def _report_crash(self, item: pytest.Item, how: str, phases: list[str]) -> None:
+    def _report_crash(self, item: pytest.Item, how: str, when: str, started: bool) -> None:
         hook = self.config.hook
-        if not phases:
+        if not started:
             hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        when = "setup" if "setup" not in phases else "call" if "call" not in phases else "teardown"
         text = (f"the test process {how} during {when} of {item.nodeid}; the tests after it "
                 f"run in a new process (--isolate)")
         keywords = {k: 1 for k in item.keywords}
@@ -303,11 +328,10 @@ class Isolate:
     # -- child ----------------------------------------------------------------------------------
 
     def _child(self, session: pytest.Session, items: list[pytest.Item], start: int,
-               out: IO[str]) -> int:
+               fwd: _Forwarder) -> int:
         from _pytest.junitxml import LogXML
 
         pm = self.config.pluginmanager
-        fwd = _Forwarder(self.config, out)
         try:
             for plugin in list(pm.get_plugins()):
                 if isinstance(plugin, LogXML) or getattr(plugin, PARENT_ONLY, False):
