@@ -29,7 +29,6 @@ from collections import Counter
 
 import pytest
 
-from kvmpy.model.machine import model_budget, run_machine
 from kvmpy.system import Kvm
 from kvmpy.testing.require import require_vm_type
 from kvmpy.uapi import VmType
@@ -54,6 +53,8 @@ def test_model_statemachine(kvm: Kvm, vm_type: VmType, request: pytest.FixtureRe
     agree with the reference model on every observable (kvmpy/model/state.py, api.rst).
     ``vm_type`` is parametrized by selftests/conftest.py (default, sw_protected, ...)."""
     require_vm_type(kvm, vm_type)
+    from kvmpy.model.machine import model_budget, run_machine  # hypothesis: not at collection
+
     stats: Counter[str] = Counter()
     timeout = per_test_timeout(request)
     budget = model_budget(timeout)

@@ -165,7 +165,10 @@ def test_pytest_args_and_defaults() -> None:
     assert not pytest_args(a)[0].endswith("selftests")
     a.workers = 1  # one worker: a forked child, not xdist
     argv = pytest_args(a)
-    assert argv[argv.index("-n"):argv.index("-n") + 3] == ["-n", "0", "--isolate"]
+    assert "-n" not in argv and "--isolate" in argv and "no:xdist" in argv
+    assert "no:benchmark" in argv
+    a.pytest_args = ["bench/bench_emu.py"]  # benchmarks need their plugin
+    assert "no:benchmark" not in pytest_args(a)
 
 
 @pytest.mark.parametrize("counts,rc,want", [

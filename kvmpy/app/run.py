@@ -119,7 +119,11 @@ def pytest_args(args: argparse.Namespace) -> list[str]:
             "-p", "kvmpy.testing.isolate", "--backend", args.backend, f"--timeout={args.timeout:g}"]
     # One worker is crash isolation only: a forked child (kvmpy.testing.isolate) gives it at a
     # fraction of an xdist worker's per-test cost; 0 runs in this process (for a debugger).
-    out += ["-n", "0", "--isolate"] if workers == 1 else ["-n", str(workers)]
+    out += ["-p", "no:xdist", "--isolate"] if workers == 1 else ["-n", str(workers)]
+    if not any("bench" in Path(a.split("::")[0]).parts for a in paths):
+        # No benchmark among the tests: pytest-benchmark would only run git and hg at start-up
+        # for its project name (2.9 s in a TCG VM).
+        out += ["-p", "no:benchmark"]
     if args.junit:
         out += [f"--junitxml={args.junit}"]
     if args.ktap:
