@@ -133,3 +133,23 @@ def test_guestvm_names_the_available_programs(kvm: Kvm) -> None:
     with pytest.raises(GuestBuildError, match=r"no guest program named '/etc/hostname': it is "
                                               r"not a \.c file; available: .*smoke"):
         GuestVm(kvm, "/etc/hostname")
+
+
+def test_build_and_load_are_remembered_until_an_input_changes(cache: Path, tmp_path: Path) -> None:
+    """build() answers from memory while every input's inode, size and mtime are the same, and
+    GuestImage.load() parses a file once while it is unchanged; either redoes the work after a
+    change (a guest VM per test reads the same ELFs: pyelftools costs ~0.3 s a parse under TCG)."""
+    src = tmp_path / "memo.c"
+    src.write_text('#include "kvmpy_guest.h"\nu64 guest_memo(u64 x) { return x + 1; }\n')
+    elf = build(src)
+    assert build(src) == elf
+    img = GuestImage.load(elf)
+    assert GuestImage.load(elf) is img and "guest_memo" in img.symbols
+    src.write_text('#include "kvmpy_guest.h"\nu64 guest_memo2(u64 x) { return x + 2; }\n')
+    elf2 = build(src)
+    assert elf2 != elf
+    img2 = GuestImage.load(elf2)
+    assert img2 is not img and "guest_memo2" in img2.symbols
+    st = elf2.stat()
+    os.utime(elf2, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # same path, touched
+    assert GuestImage.load(elf2) is not img2

@@ -89,7 +89,7 @@ class GuestVm:
             raise ValueError(f"low_mem {low_mem:#x} must be a multiple of 2 MiB below 2 GiB")
         self.kvm = kvm
         self.backend = kvm.backend
-        self.image = image if image is not None else GuestImage(build(program))
+        self.image = image if image is not None else GuestImage.load(build(program))
         #: The program's name for messages ("smoke").
         self.name = (os.path.splitext(os.path.basename(program))[0] if image is None
                      else image.path.stem.rsplit("-", 1)[0])
