@@ -166,9 +166,11 @@ def test_pytest_args_and_defaults() -> None:
     a.workers = 1  # one worker: a forked child, not xdist
     argv = pytest_args(a)
     assert "-n" not in argv and "--isolate" in argv and "no:xdist" in argv
-    assert "no:benchmark" in argv
+    assert "no:benchmark" in argv and "no:hypothesispytest" in argv
     a.pytest_args = ["bench/bench_emu.py"]  # benchmarks need their plugin
     assert "no:benchmark" not in pytest_args(a)
+    a.pytest_args = ["--hypothesis-show-statistics"]  # hypothesis' own options need its plugin
+    assert "no:hypothesispytest" not in pytest_args(a)
 
 
 @pytest.mark.parametrize("counts,rc,want", [

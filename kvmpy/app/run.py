@@ -124,6 +124,10 @@ def pytest_args(args: argparse.Namespace) -> list[str]:
         # No benchmark among the tests: pytest-benchmark would only run git and hg at start-up
         # for its project name (2.9 s in a TCG VM).
         out += ["-p", "no:benchmark"]
+    if not any(a.startswith("--hypothesis") for a in extra):
+        # No selftest is a @given test (the model drives hypothesis itself), and the plugin's
+        # per-test hook wrappers cost ~0.75 ms a test on the host, ~10 s of a TCG VM's run.
+        out += ["-p", "no:hypothesispytest"]
     if args.junit:
         out += [f"--junitxml={args.junit}"]
     if args.ktap:
