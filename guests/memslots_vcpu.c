@@ -23,8 +23,12 @@ static void load_idt(u64 base, u16 size)
 	__asm__ volatile("lidt %0" : : "m"(d) : "memory");
 }
 
-/* Spin while *gpa == spin_val, then SYNC and return what was read. */
-static u64 spin_on_val(u64 gpa, u64 spin_val)
+/*
+ * Spin while *gpa == spin_val, then SYNC and return what was read. Always inlined, as upstream's
+ * static inline guest_spin_on_val() is at -O2: guest_delete_region() brackets its last spin
+ * with final_rip_start/end, and an out-of-line loop lies outside the brackets.
+ */
+static inline __attribute__((always_inline)) u64 spin_on_val(u64 gpa, u64 spin_val)
 {
 	u64 val;
 

@@ -211,8 +211,8 @@ def test_delete_memory_region(kvm: Kvm, zap_all: bool, loop: int) -> None:
         g.vm.delete_memslot(MEM_REGION_SLOT)
         w.wait()
         # Upstream deletes slot 0 right after this SYNC and relies on the vCPU having reached
-        # the final loop; wait until its first MMIO read there (RIP 0x401dd0, before the loop,
-        # was seen on 6.1 in a loaded TCG VM: the vCPU had not re-entered the guest yet).
+        # the final loop; wait until its first MMIO read there (a loaded TCG VM is slow to
+        # re-enter the guest).
         w.wait_mmio()
         start = struct.unpack("<Q", g.read_phys(g.symbol("final_rip_start"), 8))[0]
         end_rip = struct.unpack("<Q", g.read_phys(g.symbol("final_rip_end"), 8))[0]
