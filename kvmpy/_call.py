@@ -23,7 +23,7 @@ def int_arg(request: Ioctl | str, name: str, value: object, lo: int = -(1 << 63)
             hi: int = _U64 - 1) -> int:
     """``value`` as the integer an ioctl or syscall receives; TypeError/OverflowError naming the
     call and argument otherwise. The default range is a 64-bit register (signed or unsigned)."""
-    call = request.name if isinstance(request, Ioctl) else request
+    call = request._name_ if isinstance(request, Ioctl) else request
     return check_int(f"{call}: {name}", value, lo, hi)
 
 
@@ -32,15 +32,7 @@ def pack(request: Ioctl, cls: type[S], **fields: Any) -> S:
     try:
         return cls(**fields)
     except (OverflowError, TypeError, ValueError) as e:
-        raise type(e)(f"{request.name}: {e}") from None
-
-
-def _syscall_errno(e: OSError) -> int:
-    """The errno of a failed syscall. An OSError without one did not come from the kernel: it
-    was raised by a signal handler during the call (TimeoutError, say) and must propagate."""
-    if e.errno is None:
-        raise e
-    return int(e.errno)
+        raise type(e)(f"{request._name_}: {e}") from None
 
 
 def checked_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = None,
@@ -48,24 +40,21 @@ def checked_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = Non
     """Issue ``request``; on failure raise KvmError naming the ioctl and ``detail``."""
     if isinstance(arg, int):
         int_arg(request, "arg", arg)
-    try:
-        return backend.ioctl(fd, request, arg)
-    except OSError as e:
-        raise KvmError(_syscall_errno(e), request.name, detail or _describe(arg)) from None
+    ret, err = backend.ioctl_errno(fd, request, arg)
+    if err:
+        raise KvmError(err, request._name_, detail or _describe(arg))
+    return ret
 
 
 def errno_ioctl(backend: Backend, fd: int, request: Ioctl, arg: IoctlArg = None,
                 detail: str = "") -> tuple[Errno, int]:
     """Issue ``request``; return (errno, result) with errno 0 on success. The errno is an
-    :class:`Errno` naming the call, for one-line negative tests (expect_errno)."""
+    :class:`Errno` naming the call, for one-line negative tests (expect_errno); its detail
+    (the arguments) is formatted only when a message needs it."""
     if isinstance(arg, int):
         int_arg(request, "arg", arg)
-    try:
-        ret = backend.ioctl(fd, request, arg)
-        err = 0
-    except OSError as e:
-        ret, err = -1, _syscall_errno(e)
-    return Errno(err, request.name, detail or (lambda: _describe(arg))), ret
+    ret, err = backend.ioctl_errno(fd, request, arg)
+    return Errno(err, request._name_, detail or (lambda: _describe(arg))), ret
 
 
 def _describe(arg: IoctlArg) -> str:

@@ -1,24 +1,46 @@
 """What every fd-owning object shares: an explicit closed state and use tracking.
 
 A method that issues a syscall on the object's fd, or touches memory the object maps, does it
-inside ``with self._use("CALL") as fd:``. ``close()`` first marks the object closing (new uses
-raise :class:`ClosedError`), asks the users still inside (a vCPU thread in KVM_RUN) to leave,
-waits for them within a bound, and only then closes the fd and unmaps: no call ever runs on a
-closed fd or a number reused by another open, and nothing reads an unmapped page.
+between ``fd = self._enter("CALL")`` and ``self._leave()`` (in a ``finally``), or inside
+``with self._use("CALL") as fd:``, the same pair as a context manager. ``close()`` first marks
+the object closing (new uses raise :class:`ClosedError`), asks the users still inside (a vCPU
+thread in KVM_RUN) to leave, waits for them within a bound, and only then closes the fd and
+unmaps: no call ever runs on a closed fd or a number reused by another open, and nothing reads
+an unmapped page.
+
+The pair is two acquisitions of a plain lock: every ioctl pays it, and in a TCG VM each Python
+call costs 15-18x what it does on the host (issue 15), so no generator or Condition is on this
+path; only a closer waits on the Condition, and a leaving user wakes it only while one does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import threading
 import time
-from collections.abc import Iterator
+from types import TracebackType
 
 from .errors import ClosedError, KvmError
 
 #: How long close() waits for calls in progress (a kicked KVM_RUN returns in microseconds).
 CLOSE_WAIT = 5.0
+
+
+class _Use:
+    """``with obj._use(call) as fd``: _enter on entry, _leave on exit."""
+
+    __slots__ = ("_call", "_obj")
+
+    def __init__(self, obj: FdObject, call: str) -> None:
+        self._obj = obj
+        self._call = call
+
+    def __enter__(self) -> int:
+        return self._obj._enter(self._call)
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._obj._leave()
 
 
 class FdObject:
@@ -28,7 +50,9 @@ class FdObject:
 
     def _init_fd(self, fd: int) -> None:
         self.fd = fd
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # Shares _lock: _users and _closing are read and written under either.
+        self._cv = threading.Condition(self._lock)
         self._users = 0
         self._closing = False
 
@@ -43,21 +67,25 @@ class FdObject:
         if self.closed:
             raise ClosedError(self._what(), call)
 
-    @contextlib.contextmanager
-    def _use(self, call: str) -> Iterator[int]:
-        """Hold the object open around one call; yields the fd."""
-        with self._cv:
-            if self.fd < 0 or self._closing:
+    def _enter(self, call: str) -> int:
+        """Count one more call in progress and return the fd; ClosedError naming ``call`` if
+        the object is closed or closing. Every successful _enter needs one _leave."""
+        with self._lock:
+            if self._closing or self.fd < 0:
                 raise ClosedError(self._what(), call)
             self._users += 1
-            fd = self.fd
-        try:
-            yield fd
-        finally:
-            with self._cv:
-                self._users -= 1
-                if self._users == 0:
-                    self._cv.notify_all()
+            return self.fd
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            # _closing is set (under the lock) before a closer waits, so none can be missed.
+            if self._closing and not self._users:
+                self._cv.notify_all()
+
+    def _use(self, call: str) -> _Use:
+        """Hold the object open around one call; ``as`` gives the fd."""
+        return _Use(self, call)
 
     def _evict(self) -> None:
         """Ask users inside a call to return (a vCPU kicks its KVM_RUN); called with _cv held."""

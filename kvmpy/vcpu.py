@@ -272,13 +272,20 @@ class Vcpu(FdObject):
                              f"outside the {self._map.length:#x}-byte kvm_run mapping")
         return self._view[io.data_offset: io.data_offset + n]
 
+    # _enter/_leave rather than ``with self._use()``: these carry every vCPU ioctl but KVM_RUN.
     def _ioctl(self, request: Ioctl, arg: IoctlArg = None, detail: str = "") -> int:
-        with self._use(request.name) as fd:
+        fd = self._enter(request._name_)
+        try:
             return checked_ioctl(self.backend, fd, request, arg, detail)
+        finally:
+            self._leave()
 
     def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> Errno:
-        with self._use(request.name) as fd:
+        fd = self._enter(request._name_)
+        try:
             return errno_ioctl(self.backend, fd, request, arg)[0]
+        finally:
+            self._leave()
 
     # --- registers ----------------------------------------------------------------------
     def get_regs(self) -> kvm_regs:

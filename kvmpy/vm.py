@@ -79,13 +79,20 @@ class Vm(FdObject):
     def __repr__(self) -> str:
         return f"<Vm fd {self.fd} {_vm_type_name(self.type)} on {self.backend.name}>"
 
+    # _enter/_leave rather than ``with self._use()``: these carry every VM ioctl (issue 15).
     def _ioctl(self, request: Ioctl, arg: IoctlArg = None, detail: str = "") -> int:
-        with self._use(request.name) as fd:
+        fd = self._enter(request._name_)
+        try:
             return checked_ioctl(self.backend, fd, request, arg, detail)
+        finally:
+            self._leave()
 
     def _try_ioctl(self, request: Ioctl, arg: IoctlArg = None) -> tuple[Errno, int]:
-        with self._use(request.name) as fd:
+        fd = self._enter(request._name_)
+        try:
             return errno_ioctl(self.backend, fd, request, arg)
+        finally:
+            self._leave()
 
     # --- capabilities -----------------------------------------------------------------
     def check_extension(self, cap: int) -> int:

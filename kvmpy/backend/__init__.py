@@ -57,6 +57,20 @@ class Backend(abc.ABC):
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
         """ioctl(2): returns the non-negative result, raises OSError on -1."""
 
+    def ioctl_errno(self, fd: int, request: int, arg: IoctlArg = None) -> tuple[int, int]:
+        """ioctl(2) as ``(result, 0)``, or ``(-1, errno)`` on failure: the object layer's call
+        (it turns the errno into KvmError or Errno itself, so the backend need not build an
+        OSError). This default asks :meth:`ioctl`, so a backend that only overrides ioctl
+        (FaultBackend, a test's patched ioctl) is honoured; a backend overriding this must
+        answer exactly as its ioctl does. An OSError without an errno was raised by a signal
+        handler during the call, not by the kernel, and propagates."""
+        try:
+            return self.ioctl(fd, request, arg), 0
+        except OSError as e:
+            if e.errno is None:
+                raise
+            return -1, int(e.errno)
+
     @abc.abstractmethod
     def mmap(self, fd: int, length: int, prot: int, flags: int, offset: int = 0,
              addr: int = 0) -> int:

@@ -1,0 +1,150 @@
+"""The object layer's per-call machinery (issue 15): FdObject._enter/_leave and
+Backend.ioctl_errno keep the semantics of the context manager and the raising ioctl they
+replaced on the hot path."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any
+
+import pytest
+
+from kvmpy._object import FdObject
+from kvmpy.backend import Backend, IoctlArg
+from kvmpy.backend.select import make_backend
+from kvmpy.errors import ClosedError, KvmUnavailable
+from kvmpy.system import Kvm
+from kvmpy.uapi import Cap, Ioctl, kvm_create_guest_memfd
+
+
+class _Obj(FdObject):
+    def __init__(self) -> None:
+        self._init_fd(1000)     # never a syscall: only the bookkeeping is under test
+
+    def __repr__(self) -> str:
+        return "<_Obj>"
+
+    def close(self) -> None:
+        if self._begin_close():
+            self._end_close()
+
+
+def test_enter_on_closed_or_closing_raises_closed_error() -> None:
+    o = _Obj()
+    assert o._enter("CALL") == 1000
+    o._leave()
+    o._closing = True                       # what _begin_close sets before waiting
+    with pytest.raises(ClosedError, match=r"CALL failed: EBADF .*<_Obj> is closed"):
+        o._enter("CALL")
+    o._closing = False
+    o.close()
+    with pytest.raises(ClosedError):
+        o._enter("CALL")
+    with pytest.raises(ClosedError), o._use("CALL"):
+        pass
+    assert o._users == 0
+
+
+def test_use_leaves_on_exception() -> None:
+    o = _Obj()
+    with pytest.raises(KeyError), o._use("CALL") as fd:
+        assert fd == 1000 and o._users == 1
+        raise KeyError("x")
+    assert o._users == 0
+
+
+def test_close_waits_for_the_call_in_progress() -> None:
+    o = _Obj()
+    o._enter("CALL")                        # a call in progress in "another thread"
+    closer = threading.Thread(target=o.close)
+    closer.start()
+    for _ in range(5000):                   # until close() has marked the object closing
+        if o._closing:
+            break
+        threading.Event().wait(0.001)
+    assert o._closing
+    with pytest.raises(ClosedError):        # new calls are refused from now on
+        o._enter("CALL")
+    closer.join(0.2)
+    assert closer.is_alive() and o.fd == 1000, "close() did not wait for the call"
+    o._leave()
+    closer.join(10)
+    assert not closer.is_alive() and o.fd == -1
+
+
+def test_leave_wakes_a_waiting_closer_only() -> None:
+    """The last user out notifies the Condition while a close() waits (instead of leaving it
+    to the closer's 5 ms poll), and not at all otherwise."""
+    o = _Obj()
+    woken: list[bool] = []
+    cv: Any = o._cv
+    real = cv.notify_all
+    cv.notify_all = lambda: (woken.append(o._closing), real())
+    o._enter("A")
+    o._enter("B")
+    o._leave()
+    o._leave()
+    assert woken == []
+    o._enter("A")
+    o._enter("B")
+    o._closing = True
+    o._leave()
+    assert woken == []                      # one user still inside
+    o._leave()
+    assert woken == [True]
+
+
+# --- Backend.ioctl_errno -------------------------------------------------------------------
+def test_ioctl_errno_default_honours_a_patched_ioctl() -> None:
+    b = make_backend("emu")
+
+    def ioctl(fd: int, request: int, arg: IoctlArg = None) -> int:
+        raise OSError(errno.ENOTTY, "patched")
+
+    b.ioctl = ioctl  # type: ignore[method-assign]
+    assert Backend.ioctl_errno(b, 3, Ioctl.KVM_GET_API_VERSION) == (-1, errno.ENOTTY)
+    assert b.ioctl_errno(3, Ioctl.KVM_GET_API_VERSION) == (-1, errno.ENOTTY)
+
+
+def test_ioctl_errno_lets_a_signal_handler_exception_through() -> None:
+    """An OSError without an errno (TimeoutError from a SIGALRM handler) is not an errno."""
+    b = make_backend("emu")
+
+    def ioctl(fd: int, request: int, arg: IoctlArg = None) -> int:
+        raise TimeoutError("from a handler")
+
+    b.ioctl = ioctl  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError, match="from a handler"):
+        b.ioctl_errno(3, Ioctl.KVM_GET_API_VERSION)
+
+
+def _answer(b: Backend, fd: int, request: int, arg: IoctlArg) -> tuple[int, int]:
+    try:
+        return b.ioctl(fd, request, arg), 0
+    except OSError as e:
+        return -1, int(e.errno or 0)
+
+
+@pytest.mark.parametrize("backend", ["kvm", "emu"])
+def test_ioctl_errno_answers_as_ioctl(backend: str) -> None:
+    """Each backend's ioctl_errno (the host's own fast path, the emulator's default) gives
+    what its ioctl gives: no argument, an integer, a struct; success and refusal."""
+    try:
+        k = Kvm(make_backend(backend))
+    except KvmUnavailable as e:  # no /dev/kvm here
+        pytest.skip(f"{backend}: {e}")
+    with k, k.create_vm() as vm:
+        b = k.backend
+        cases: list[tuple[int, int, IoctlArg]] = [
+            (k.fd, Ioctl.KVM_GET_API_VERSION, None),
+            (k.fd, Ioctl.KVM_CHECK_EXTENSION, int(Cap.USER_MEMORY)),
+            (k.fd, Ioctl.KVM_CHECK_EXTENSION, -1),
+            (vm.fd, Ioctl.KVM_CREATE_GUEST_MEMFD, kvm_create_guest_memfd(size=1)),
+            (vm.fd, 0xAE00 | 0x7F, None),               # no such KVM ioctl
+            (9999, Ioctl.KVM_GET_API_VERSION, None),    # not an open fd: EBADF
+        ]
+        for fd, request, arg in cases:
+            assert b.ioctl_errno(fd, request, arg) == _answer(b, fd, request, arg), \
+                (hex(request), arg)
+        assert b.ioctl_errno(9999, Ioctl.KVM_GET_API_VERSION) == (-1, errno.EBADF)
