@@ -51,8 +51,9 @@ class FdObject:
     def _init_fd(self, fd: int) -> None:
         self.fd = fd
         self._lock = threading.Lock()
-        # Shares _lock: _users and _closing are read and written under either.
-        self._cv = threading.Condition(self._lock)
+        # The Condition a closer waits on, on _lock; made by the first close() that has to
+        # wait (a Condition costs more to build than a guest_memfd's whole Python side).
+        self._cv: threading.Condition | None = None
         self._users = 0
         self._closing = False
 
@@ -80,7 +81,7 @@ class FdObject:
         with self._lock:
             self._users -= 1
             # _closing is set (under the lock) before a closer waits, so none can be missed.
-            if self._closing and not self._users:
+            if self._closing and not self._users and self._cv is not None:
                 self._cv.notify_all()
 
     def _use(self, call: str) -> _Use:
@@ -88,15 +89,21 @@ class FdObject:
         return _Use(self, call)
 
     def _evict(self) -> None:
-        """Ask users inside a call to return (a vCPU kicks its KVM_RUN); called with _cv held."""
+        """Ask users inside a call to return (a vCPU kicks its KVM_RUN); called with _lock
+        held."""
 
     def _begin_close(self, call: str = "close") -> bool:
         """Mark closing and wait for the calls in progress. Returns False if already closed;
         raises KvmError(EBUSY) (leaving the fd and mappings alone) if a call does not return."""
-        with self._cv:
+        with self._lock:
             if self.fd < 0:
                 return False
             self._closing = True
+            if not self._users:
+                return True
+            if self._cv is None:
+                self._cv = threading.Condition(self._lock)
+            cv = self._cv
             deadline = time.monotonic() + CLOSE_WAIT
             while self._users:
                 self._evict()
@@ -104,9 +111,9 @@ class FdObject:
                 if left <= 0:
                     raise KvmError(errno.EBUSY, call, f"{self._what()}: {self._users} call(s) still in "
                                    f"progress after {CLOSE_WAIT:g} s; fd and mappings kept")
-                self._cv.wait(min(left, 0.005))
+                cv.wait(min(left, 0.005))
             return True
 
     def _end_close(self) -> None:
-        with self._cv:
+        with self._lock:
             self.fd = -1

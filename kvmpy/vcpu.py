@@ -136,7 +136,7 @@ class Vcpu(FdObject):
         # past close() is seen by Mapping.close and never reads an unmapped page.
         self._run: kvm_run = kvm_run.from_buffer(self._view)
         self.last_exit: Exit | None = None
-        #: The thread inside KVM_RUN (ident), if any; guarded by _cv.
+        #: The thread inside KVM_RUN (ident), if any; guarded by _lock.
         self._runner: int | None = None
         self._kicked = False
 
@@ -182,13 +182,13 @@ class Vcpu(FdObject):
         """One KVM_RUN (or KVM_PRE_FAULT_MEMORY), kickable by another thread while it is in
         progress (see kick)."""
         token = self.backend.run_begin(fd, request == Ioctl.KVM_RUN)
-        with self._cv:
+        with self._lock:
             self._runner = threading.get_ident()
             self._kicked = False
         try:
             return errno_ioctl(self.backend, fd, request, arg)[0]
         finally:
-            with self._cv:
+            with self._lock:
                 self._runner = None
                 kicked = self._kicked
             self.backend.run_end(fd, token, kicked)
@@ -198,7 +198,7 @@ class Vcpu(FdObject):
         (KVM_EXIT_INTR / EINTR). Returns False
         when no run is in progress; a kick that lands just before the run starts still ends it
         (the backend keeps it pending), one sent after it returned is never delivered."""
-        with self._cv:
+        with self._lock:
             return self._kick_locked()
 
     def _kick_locked(self) -> bool:

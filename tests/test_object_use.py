@@ -78,7 +78,8 @@ def test_leave_wakes_a_waiting_closer_only() -> None:
     to the closer's 5 ms poll), and not at all otherwise."""
     o = _Obj()
     woken: list[bool] = []
-    cv: Any = o._cv
+    cv: Any = threading.Condition(o._lock)
+    o._cv = cv                              # as the first close() that has to wait makes it
     real = cv.notify_all
     cv.notify_all = lambda: (woken.append(o._closing), real())
     o._enter("A")
