@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
+import struct
 import threading
 from collections import abc as _abc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._call import checked_ioctl, errno_ioctl, pack
+from ._call import _describe, checked_ioctl, errno_ioctl, pack
 from ._object import FdObject
-from .backend import MAP_SHARED, PROT_READ, PROT_WRITE, IoctlArg
+from .backend import MAP_SHARED, PROT_READ, PROT_WRITE, Backend, IoctlArg
 from .errors import ClosedError, Errno, KvmError
 from .memory import Mapping
 from .uapi import (
@@ -25,10 +27,12 @@ from .uapi import (
     kvm_pre_fault_memory,
     kvm_regs,
     kvm_run,
+    kvm_run_io,
     kvm_sregs,
     make_cpuid2,
     make_msrs,
 )
+from .uapi.structs import _struct_setattr
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -110,6 +114,24 @@ class Exit:
         return f"KVM_EXIT_{name}{detail}"
 
 
+_REASONS: dict[int, ExitReason] = {int(m): m for m in ExitReason}
+_DIRECTIONS = (IoDirection.IN, IoDirection.OUT)
+#: kvm_run.exit.io (kvm_run_io): direction, size, port, count, data_offset.
+_IO = struct.Struct("<BBHIQ")
+_IO_OFFSET = kvm_run.exit.offset
+assert _IO.size == ctypes.sizeof(kvm_run_io)
+_new = object.__new__
+
+
+def _exit(reason: ExitReason | int, err: int, io: IoExit | None = None) -> Exit:
+    """``Exit(reason, err, io=io)``, the same object, without the frozen dataclass's
+    __init__ (one object.__setattr__ per field: 2 of the ~4 us an IO exit took to decode)."""
+    ex = _new(Exit)
+    ex.__dict__.update(reason=reason, errno=err, io=io, mmio=None, hypercall=None,
+                       memory_fault=None, internal=None, exception=None)
+    return ex
+
+
 class Vcpu(FdObject):
     """A vCPU fd and its kvm_run mapping.
 
@@ -139,6 +161,11 @@ class Vcpu(FdObject):
         #: The thread inside KVM_RUN (ident), if any; guarded by _lock.
         self._runner: int | None = None
         self._kicked = False
+        # Whether the backend has run_begin/run_end to call around a run (the host's signal
+        # mask; the emulator has none, and KVM_RUN is the hot call of the emulated guest).
+        cls = type(self.backend)
+        self._run_hooks = (cls.run_begin is not Backend.run_begin
+                           or cls.run_end is not Backend.run_end)
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} fd {self.fd} of {self.vm!r}>"
@@ -157,8 +184,9 @@ class Vcpu(FdObject):
         any other failure raises KvmError, and a vCPU closed during the run ClosedError. An
         exception raised by a signal handler during the run propagates.
         """
-        with self._use("KVM_RUN") as fd:
-            err = self._run_once(fd)
+        fd = self._enter("KVM_RUN")
+        try:
+            err = self._run_errno(fd)
             reason = self._run.exit_reason
             if err and not (err == errno.EFAULT and reason == ExitReason.MEMORY_FAULT) \
                     and err != errno.EINTR:
@@ -166,7 +194,10 @@ class Vcpu(FdObject):
                                f"{ExitReason.name_of(reason)}")
             if err == errno.EINTR:
                 reason = ExitReason.INTR
+            # Decoded before _leave: close() cannot unmap kvm_run under it.
             ex = self._decode(reason, err)
+        finally:
+            self._leave()
         if self._closing:
             raise ClosedError(self._what(), "KVM_RUN", "closed by another thread during the run")
         self.last_exit = ex
@@ -174,24 +205,29 @@ class Vcpu(FdObject):
 
     def try_run(self) -> Errno:
         """KVM_RUN returning the errno (0 on success)."""
-        with self._use("KVM_RUN") as fd:
-            return self._run_once(fd)
+        fd = self._enter("KVM_RUN")
+        try:
+            return Errno(self._run_errno(fd), "KVM_RUN")
+        finally:
+            self._leave()
 
-    def _run_once(self, fd: int, request: Ioctl = Ioctl.KVM_RUN,
-                  arg: IoctlArg = None) -> Errno:
+    def _run_errno(self, fd: int, request: Ioctl = Ioctl.KVM_RUN,
+                   arg: IoctlArg = None) -> int:
         """One KVM_RUN (or KVM_PRE_FAULT_MEMORY), kickable by another thread while it is in
-        progress (see kick)."""
-        token = self.backend.run_begin(fd, request == Ioctl.KVM_RUN)
+        progress (see kick); returns its errno (0 on success)."""
+        hooks = self._run_hooks
+        token = self.backend.run_begin(fd, request == Ioctl.KVM_RUN) if hooks else None
         with self._lock:
             self._runner = threading.get_ident()
             self._kicked = False
         try:
-            return errno_ioctl(self.backend, fd, request, arg)[0]
+            return self.backend.ioctl_errno(fd, request, arg)[1]
         finally:
             with self._lock:
                 self._runner = None
                 kicked = self._kicked
-            self.backend.run_end(fd, token, kicked)
+            if hooks:
+                self.backend.run_end(fd, token, kicked)
 
     def kick(self) -> bool:
         """Make a KVM_RUN (or KVM_PRE_FAULT_MEMORY) in progress in another thread return
@@ -212,19 +248,20 @@ class Vcpu(FdObject):
         self._kick_locked()
 
     def _decode(self, reason: int, err: int) -> Exit:
-        try:
-            r: ExitReason | int = ExitReason(reason)
-        except ValueError:
-            r = reason
-        u = self._run.exit
+        r: ExitReason | int = _REASONS.get(reason, reason)
         if r == ExitReason.IO:
-            io = u.io
+            # One unpack of kvm_run.io instead of a ctypes object per field read: this is the
+            # ucall exit, decoded on every round trip of a guest (issue 15).
+            d, size, port, count, off = _IO.unpack_from(self._view, _IO_OFFSET)
             data = b""
-            if io.direction == IoDirection.OUT:
-                n = io.size * io.count
-                data = self._map.read(io.data_offset, n) if io.data_offset + n <= self._map.length else b""
-            return Exit(r, err, io=IoExit(IoDirection(io.direction), io.size, io.port,
-                                          io.count, io.data_offset, data))
+            if d == IoDirection.OUT:
+                n = size * count
+                data = self._map.read(off, n) if off + n <= self._map.length else b""
+            io = _new(IoExit)
+            io.__dict__.update(direction=_DIRECTIONS[d] if d < 2 else IoDirection(d), size=size,
+                               port=port, count=count, data_offset=off, data=data)
+            return _exit(r, err, io)
+        u = self._run.exit
         if r == ExitReason.MMIO:
             m = u.mmio
             return Exit(r, err, mmio=MmioExit(m.phys_addr, bytes(m.data), m.len, bool(m.is_write)))
@@ -240,7 +277,7 @@ class Vcpu(FdObject):
             return Exit(r, err, internal=InternalExit(i.suberror, tuple(i.data[:n])))
         if r == ExitReason.EXCEPTION:
             return Exit(r, err, exception=(u.ex.exception, u.ex.error_code))
-        return Exit(r, err)
+        return _exit(r, err)
 
     @property
     def immediate_exit(self) -> bool:
@@ -248,17 +285,22 @@ class Vcpu(FdObject):
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self.run_struct.immediate_exit = 1 if value else 0
+        # ctypes' own setter: 0 and 1 fit the __u8 (KvmStruct's check is for callers' values).
+        _struct_setattr(self.run_struct, "immediate_exit", 1 if value else 0)
 
     def complete_io(self) -> None:
         """Complete a pending PIO/MMIO exit without running the guest further: KVM_RUN with
         immediate_exit set, which returns -EINTR (as the selftests' vcpu_run_complete_io)."""
-        self.immediate_exit = True
+        _struct_setattr(self.run_struct, "immediate_exit", 1)
         try:
-            err = self.try_run()
+            fd = self._enter("KVM_RUN")
+            try:
+                err = self._run_errno(fd)
+            finally:
+                self._leave()
         finally:
             if not self.closed:
-                self.immediate_exit = False
+                _struct_setattr(self._run, "immediate_exit", 0)
         if err != errno.EINTR:
             raise KvmError(err or errno.EINVAL, "KVM_RUN",
                            "immediate_exit to complete IO did not return EINTR")
@@ -385,7 +427,8 @@ class Vcpu(FdObject):
     def try_pre_fault_memory(self, r: kvm_pre_fault_memory) -> Errno:
         """One KVM_PRE_FAULT_MEMORY call on ``r`` (updated in place); returns the errno."""
         with self._use("KVM_PRE_FAULT_MEMORY") as fd:
-            return self._run_once(fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)
+            err = self._run_errno(fd, Ioctl.KVM_PRE_FAULT_MEMORY, r)
+        return Errno(err, "KVM_PRE_FAULT_MEMORY", lambda: _describe(r))
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:

@@ -4,6 +4,7 @@ replaced on the hot path."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import threading
 from typing import Any
@@ -149,3 +150,55 @@ def test_ioctl_errno_answers_as_ioctl(backend: str) -> None:
             assert b.ioctl_errno(fd, request, arg) == _answer(b, fd, request, arg), \
                 (hex(request), arg)
         assert b.ioctl_errno(9999, Ioctl.KVM_GET_API_VERSION) == (-1, errno.EBADF)
+
+
+# --- Vcpu.run's decoding (built without the frozen dataclasses' __init__) --------------------
+@pytest.mark.guest
+def test_run_exits_are_the_dataclasses_they_stand_for() -> None:
+    """Exit/IoExit made by Vcpu._decode equal, field for field, the ones their __init__ makes,
+    stay frozen, and carry what kvm_run holds."""
+    from kvmpy.backend.emu.x86.fakevm import (
+        CODE,
+        LOW_SIZE,
+        STACK_TOP,
+        asm,
+        build_low_memory,
+        long_mode_sregs,
+    )
+    from kvmpy.memory import SharedMemory
+    from kvmpy.uapi import ExitReason, IoDirection, kvm_regs
+    from kvmpy.vcpu import Exit, IoExit
+
+    with Kvm(make_backend("emu")) as k, k.create_vm() as vm, \
+            SharedMemory(k.backend, LOW_SIZE) as low:
+        build_low_memory(low.mapping, asm("mov dx, 0x1234\nmov al, 0xab\nout dx, al\n"
+                                          "in ax, dx\nhlt", CODE))
+        vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
+        v = vm.create_vcpu(0)
+        v.set_cpuid2(k.get_supported_cpuid())
+        v.set_sregs(long_mode_sregs())
+        r = kvm_regs()
+        r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
+        v.set_regs(r)
+        seen = []
+        for want in (IoDirection.OUT, IoDirection.IN):
+            ex = v.run()
+            io = v.run_struct.exit.io
+            assert ex.io == IoExit(want, io.size, 0x1234, 1, io.data_offset,
+                                   b"\xab" if want == IoDirection.OUT else b"")
+            assert type(ex.io.direction) is IoDirection and type(ex.reason) is ExitReason
+            seen.append(ex)
+            if want == IoDirection.IN:
+                v.complete_io()
+        ex = v.run()
+        assert ex == Exit(ExitReason.HLT) and v.last_exit is ex
+        seen.append(ex)
+        for ex in seen:
+            assert vars(ex) == vars(dataclasses.replace(ex)) and ex == dataclasses.replace(ex)
+            if ex.io is not None:
+                assert vars(ex.io) == vars(dataclasses.replace(ex.io))
+                with pytest.raises(dataclasses.FrozenInstanceError):
+                    ex.io.port = 1  # type: ignore[misc]
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                ex.errno = 1  # type: ignore[misc]
+            assert hash(ex) == hash(dataclasses.replace(ex))
