@@ -196,6 +196,11 @@ class EmuBackend(Backend):
             copy_to_user(addr, data)
 
     def ioctl(self, fd: int, request: int, arg: IoctlArg = None) -> int:
+        if arg is None or isinstance(arg, int):
+            # No struct of the caller's to vouch for: the span is left as it is (none, or that
+            # of an ioctl this one interrupts, whose struct is still alive), which spares
+            # KVM_RUN, the emulated guest's hot call, the thread-local round trip.
+            return self._ioctl(fd, request & 0xFFFF_FFFF, arg_pointer(arg))
         addr = arg_pointer(arg)
         tls = self._tls
         outer = getattr(tls, "span", (0, 0))
@@ -212,7 +217,7 @@ class EmuBackend(Backend):
         if obj is None:
             return libc_ioctl(fd, request, addr)
         if isinstance(obj, EmuVcpuFd):
-            if _ioc_type(request) != KVMIO:
+            if (request >> 8) & 0xFF != KVMIO:     # _ioc_type(), inline: every vCPU ioctl
                 # kvm_vcpu_ioctl(): "if (unlikely(_IOC_TYPE(ioctl) != KVMIO)) return -EINVAL".
                 raise OSError(errno.EINVAL, f"ioctl {request:#x} is not a KVM ioctl")
             e = VCPU_FD_IOCTLS.get(request)
