@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from .backend import Backend, IoctlArg
 from .errors import Errno, KvmError
 from .uapi.ioctls import Ioctl
-from .uapi.structs import KvmStruct, check_int
+from .uapi.structs import KvmStruct, build_struct, check_int
 
 S = TypeVar("S", bound=KvmStruct)
 
@@ -30,7 +30,7 @@ def int_arg(request: Ioctl | str, name: str, value: object, lo: int = -(1 << 63)
 def pack(request: Ioctl, cls: type[S], **fields: Any) -> S:
     """Build the uapi struct for ``request``; a field that does not fit names the ioctl."""
     try:
-        return cls(**fields)
+        return build_struct(cls, fields)
     except (OverflowError, TypeError, ValueError) as e:
         raise type(e)(f"{request._name_}: {e}") from None
 

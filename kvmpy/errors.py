@@ -33,7 +33,7 @@ class Errno(int):
     _detail: object
 
     def __new__(cls, err: int, call: str = "", detail: object = "") -> Errno:
-        self = super().__new__(cls, err)
+        self = int.__new__(cls, err)
         self.call = call
         self._detail = detail  # a str, or a callable made into one only for a message
         return self

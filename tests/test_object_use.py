@@ -11,12 +11,21 @@ from typing import Any
 
 import pytest
 
+from kvmpy._call import pack
 from kvmpy._object import FdObject
 from kvmpy.backend import Backend, IoctlArg
 from kvmpy.backend.select import make_backend
 from kvmpy.errors import ClosedError, KvmUnavailable
 from kvmpy.system import Kvm
-from kvmpy.uapi import Cap, Ioctl, kvm_create_guest_memfd
+from kvmpy.uapi import (
+    Cap,
+    Ioctl,
+    MemFlag,
+    kvm_create_guest_memfd,
+    kvm_enable_cap,
+    kvm_userspace_memory_region,
+)
+from kvmpy.uapi.structs import build_struct
 
 
 class _Obj(FdObject):
@@ -202,3 +211,37 @@ def test_run_exits_are_the_dataclasses_they_stand_for() -> None:
             with pytest.raises(dataclasses.FrozenInstanceError):
                 ex.errno = 1  # type: ignore[misc]
             assert hash(ex) == hash(dataclasses.replace(ex))
+
+
+# --- pack(): build_struct is cls(**fields) ---------------------------------------------------
+@pytest.mark.parametrize("fields", [
+    {"slot": 1, "flags": MemFlag.READONLY, "guest_phys_addr": 1 << 32, "memory_size": 4096,
+     "userspace_addr": (1 << 64) - 1},
+    {"slot": 0, "memory_size": 1 << 64},                    # does not fit: OverflowError
+    {"slot": -1},
+    {"slot": True},                                         # a bool is not an int here
+    {"slot": "1"},
+    {"slot": 2, "flags": 1 << 32},
+])
+def test_build_struct_is_the_constructor(fields: dict[str, Any]) -> None:
+    def outcome(make: Any) -> tuple[Any, ...]:
+        try:
+            return ("ok", make().to_bytes())
+        except (OverflowError, TypeError, ValueError) as e:
+            return (type(e), str(e))
+
+    cls = kvm_userspace_memory_region
+    want = outcome(lambda: cls(**fields))
+    assert outcome(lambda: build_struct(cls, fields)) == want
+    got = outcome(lambda: pack(Ioctl.KVM_SET_USER_MEMORY_REGION, cls, **fields))
+    assert got == (want if want[0] == "ok" else
+                   (want[0], f"KVM_SET_USER_MEMORY_REGION: {want[1]}"))
+
+
+def test_build_struct_arrays_and_enums() -> None:
+    f: dict[str, Any] = {"cap": Cap.USER_MEMORY, "args": (1, 2, (1 << 64) - 1)}
+    assert build_struct(kvm_enable_cap, f).to_bytes() == kvm_enable_cap(**f).to_bytes()
+    with pytest.raises(ValueError, match="holds 4 values, got 5"):
+        build_struct(kvm_enable_cap, {"args": (1, 2, 3, 4, 5)})
+    with pytest.raises(OverflowError, match=r"kvm_enable_cap.args\[1\]=-1 does not fit"):
+        build_struct(kvm_enable_cap, {"args": (1, -1)})
