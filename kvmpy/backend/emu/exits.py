@@ -6,7 +6,6 @@ the ioctl entry and the KVM_RUN loop; docs/emulator.md, "vCPU"."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import struct
 from typing import Any
@@ -51,6 +50,8 @@ from .x86.paging import GuestFault, PagingMode, make_read64, translate
 from .x86.physmem import TRAP_HWPOISON, PhysFault
 
 IO_DATA_OFFSET = 4096      # io.data_offset on x86 KVM: the page after kvm_run
+# kvm_run.io (at offset 32), packed into the kvm_run struct's own buffer: no foreign call.
+_KVM_RUN_IO = struct.Struct("<BBHIQ")
 HYPERCALL_OPCODES = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")      # vmcall, vmmcall
 QUIRK_FIX_HYPERCALL_INSN = 1 << 5   # KVM_X86_QUIRK_FIX_HYPERCALL_INSN
 QUIRK_OUT_7E_INC_RIP = 1 << 3       # KVM_X86_QUIRK_OUT_7E_INC_RIP
@@ -93,8 +94,7 @@ class VcpuExits(VcpuCpuState):
 
     def _io_exit(self, direction: int, port: int, size: int) -> None:
         # kvm_run.io at offset 32: direction u8, size u8, port u16, count u32, data_offset u64.
-        ctypes.memmove(self.run_addr + 32, struct.pack("<BBHIQ", direction, size, port, 1,
-                                                       IO_DATA_OFFSET), 16)
+        _KVM_RUN_IO.pack_into(self.run, 32, direction, size, port, 1, IO_DATA_OFFSET)
 
     def _memory_fault(self, gpa: int, flags: int) -> int:
         """kvm_mmu_prepare_memory_fault_exit() and KVM_RUN -1/EFAULT (api.rst,

@@ -125,6 +125,10 @@ class EmuVcpu(VcpuExits):
         self.id = vcpu_id
         self.run_addr = run_addr
         self.run = kvm_run.from_address(run_addr)
+        # The PIO data page as bytes: its slices are plain copies, where ctypes.memmove and
+        # string_at are foreign calls (~0.6 us each, one per PIO exit).
+        self._io_page = memoryview(
+            (ctypes.c_char * PAGE_SIZE).from_address(run_addr + IO_DATA_OFFSET)).cast("B")
         self.uc = E.new_engine()
         self.regs = E.FastRegs(self.uc)
         self._counter = E.counter(self.uc)
@@ -561,7 +565,7 @@ class EmuVcpu(VcpuExits):
                 self.regs.write(X.UC_X86_REG_RIP, insn_rip)
                 self._pending = ("pio_out", insn_rip, next_rip)
             self._io_exit(IoDirection.OUT, port, size)
-            ctypes.memmove(self.run_addr + IO_DATA_OFFSET, value.to_bytes(size, "little"), size)
+            self._io_page[:size] = value.to_bytes(size, "little")
             return self._exit(ExitReason.IO)
         if kind == "in":
             _, port, size, in_rip, rax = ev
@@ -849,8 +853,7 @@ class EmuVcpu(VcpuExits):
             regs = self.regs
             if regs.read(X.UC_X86_REG_RIP) != in_rip:
                 return
-            data = int.from_bytes(ctypes.string_at(self.run_addr + IO_DATA_OFFSET, size),
-                                  "little")
+            data = int.from_bytes(self._io_page[:size], "little")
             rax = regs.read(X.UC_X86_REG_RAX) if size < 4 else 0
             mask = (1 << (8 * size)) - 1
             regs.write(X.UC_X86_REG_RAX, (rax & ~mask) | data)
