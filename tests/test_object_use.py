@@ -23,6 +23,7 @@ from kvmpy.uapi import (
     MemFlag,
     kvm_create_guest_memfd,
     kvm_enable_cap,
+    kvm_regs,
     kvm_userspace_memory_region,
 )
 from kvmpy.uapi.structs import build_struct
@@ -245,3 +246,24 @@ def test_build_struct_arrays_and_enums() -> None:
         build_struct(kvm_enable_cap, {"args": (1, 2, 3, 4, 5)})
     with pytest.raises(OverflowError, match=r"kvm_enable_cap.args\[1\]=-1 does not fit"):
         build_struct(kvm_enable_cap, {"args": (1, -1)})
+
+
+# --- the emulator's register moves (raw libunicorn calls, pairs) ----------------------------
+def test_fast_register_moves_match_the_binding() -> None:
+    from unicorn import x86_const as X
+
+    from kvmpy.backend.emu.x86 import engine as E
+
+    uc = E.new_engine()
+    regs = E.FastRegs(uc)
+    regs.write(X.UC_X86_REG_RAX, -1)                     # stored modulo 2**64, as before
+    assert uc.reg_read(X.UC_X86_REG_RAX) == (1 << 64) - 1 == regs.read(X.UC_X86_REG_RAX)
+    regs.rax_rip.write(0x1122334455667788, 0x10000)
+    assert (uc.reg_read(X.UC_X86_REG_RAX), uc.reg_read(X.UC_X86_REG_RIP)) == \
+        (0x1122334455667788, 0x10000)
+    assert regs.rip_rax.read() == (0x10000, 0x1122334455667788)
+    uc.reg_write(X.UC_X86_REG_CR3, 0x5000)
+    assert regs.cr3_rip.read() == (0x5000, 0x10000)
+    vals = list(range(1, 19))
+    regs.write_gprs(vals)
+    assert regs.read_gprs() == vals and regs.gprs_bytes() == kvm_regs(*vals).to_bytes()

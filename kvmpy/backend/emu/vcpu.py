@@ -248,7 +248,7 @@ class EmuVcpu(VcpuExits):
 
     # ================================================================ hooks (engine thread)
     def _on_in(self, uc: Any, port: int, size: int, ud: Any) -> int:
-        rip, rax = self.regs.read(X.UC_X86_REG_RIP), self.regs.read(X.UC_X86_REG_RAX)
+        rip, rax = self.regs.rip_rax.read()
         # RAX is restored after the stop: KVM writes it only when userspace completes the IN
         # (a 4-byte IN would otherwise zero-extend into RAX now).
         self._ev = ("in", port, size, rip, rax)
@@ -483,13 +483,13 @@ class EmuVcpu(VcpuExits):
                 self._fix_exception = False
                 E.reset_old_exception(uc)
             regs = self.regs
-            cr3 = regs.read(X.UC_X86_REG_CR3) & 0x000F_FFFF_FFFF_F000
+            cr3, rip = regs.cr3_rip.read()      # ensure() below moves neither
+            cr3 &= 0x000F_FFFF_FFFF_F000
             if cr3 != self._ensured_cr3 or self.phys.generation != self._ensured_gen:
                 # Page tables are walked by unicorn without hooks: map their slot first.
                 self.phys.ensure(cr3)
                 self._ensured_cr3, self._ensured_gen = cr3, self.phys.generation
             self._ev = None
-            rip = regs.read(X.UC_X86_REG_RIP)
             err = 0
             t0 = time.perf_counter()
             try:
@@ -850,14 +850,14 @@ class EmuVcpu(VcpuExits):
             _, in_rip, next_rip, size = p
             # complete_fast_pio_in(): dropped if userspace moved RIP; sizes below 4 merge
             # into RAX, 4 zero-extends.
-            regs = self.regs
-            if regs.read(X.UC_X86_REG_RIP) != in_rip:
+            rip, rax = self.regs.rip_rax.read()
+            if rip != in_rip:
                 return
             data = int.from_bytes(self._io_page[:size], "little")
-            rax = regs.read(X.UC_X86_REG_RAX) if size < 4 else 0
+            if size >= 4:
+                rax = 0
             mask = (1 << (8 * size)) - 1
-            regs.write(X.UC_X86_REG_RAX, (rax & ~mask) | data)
-            regs.write(X.UC_X86_REG_RIP, next_rip)
+            self.regs.rax_rip.write((rax & ~mask) | data, next_rip)
         elif p[0] == "hypercall":
             # complete_hypercall_exit(): hypercall.ret to RAX, skip the instruction.
             uc.reg_write_batch([(X.UC_X86_REG_RAX, self.run.exit.hypercall.ret),
