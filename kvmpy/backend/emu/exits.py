@@ -21,6 +21,7 @@ from ...uapi import (
     KvmHcError,
     kvm_run,
 )
+from ...uapi.structs import _struct_setattr
 from ..libc import libc
 from .cpustate import (
     CR0_CD,
@@ -84,7 +85,9 @@ class VcpuExits(VcpuCpuState):
 
     # ---------------------------------------------------------------- exits
     def _exit(self, reason: int) -> int:
-        self.run.exit_reason = reason
+        # ctypes' own setter: the reasons are the emulator's KVM_EXIT_* constants, which fit
+        # the __u32 (KvmStruct's check costs more than the rest of a PIO exit's bookkeeping).
+        _struct_setattr(self.run, "exit_reason", reason)
         return 0
 
     def _intr(self, why: str = "kick") -> int:
