@@ -76,3 +76,15 @@ def test_private_noslot_gpa_after_mmio_and_other_slot_change_is_private_fault(
     h.set_attributes(GPA, PAGE, private=True)
     h.set_slot(0, GPA + 16 * PAGE, PAGE)
     assert h.guest_read(GPA) == Fault(MEM_EXIT_FLAG_PRIVATE, GPA)
+
+
+def test_private_noslot_gpa_after_mmio_and_other_slot_deleted_is_private_fault(
+        h: ModelHarness) -> None:
+    """As above, then that memslot is deleted. Only a KVM_X86_DEFAULT_VM zaps every SPTE on a
+    deletion (kvm_arch_flush_shadow_memslot()); a SW_PROTECTED VM unmaps the slot's gfns, so
+    the MMIO SPTE survives, stale. The read must still be a private KVM_EXIT_MEMORY_FAULT."""
+    assert h.guest_read(GPA) == Mmio(GPA, False)
+    h.set_attributes(GPA, PAGE, private=True)
+    h.set_slot(0, GPA + 16 * PAGE, PAGE)
+    h.delete_slot(0)
+    assert h.guest_read(GPA) == Fault(MEM_EXIT_FLAG_PRIVATE, GPA)

@@ -90,7 +90,8 @@ class ModelHarness:
             overlap, _ = expected_errnos(vm, Behaviour.GMEM_BIND_OVERLAP)
             self.config = Config(guest_memfd=gm, gmem_flags=valid_gmem_flags(vm) if gm else 0,
                                  attributes=attrs, bind_overlap_errnos=frozenset(overlap),
-                                 stale_mmio_spte=known_issues and self.real and bool(attrs))
+                                 stale_mmio_spte=known_issues and self.real and bool(attrs),
+                                 zap_all_on_delete=vm_type == VmType.DEFAULT)
             self.model = Model(self.config)
             self.gmems: dict[int, GuestMemfd] = {}
             self.gmem_maps: dict[int, Mapping] = {}

@@ -71,6 +71,9 @@ class Config:
     #: Model the known KVM issue "stale MMIO SPTE" (kvmpy.testing.known_issues, docs/findings.md)
     #: instead of the documented behaviour: only for real KVM; the emulator is documented.
     stale_mmio_spte: bool = False
+    #: Deleting a memslot zaps every SPTE (kvm_arch_flush_shadow_memslot(): only a
+    #: KVM_X86_DEFAULT_VM with KVM_X86_QUIRK_SLOT_ZAP_ALL); other VM types unmap the slot's range.
+    zap_all_on_delete: bool = True
 
 
 @dataclasses.dataclass
@@ -268,8 +271,10 @@ class Model:
         if slot not in self.slots:
             return err(errno.EINVAL)
         del self.slots[slot]
-        # x86 deletion with KVM_X86_QUIRK_SLOT_ZAP_ALL (default): kvm_mmu_zap_all_fast().
-        self.mmio_sptes.clear()
+        if self.config.zap_all_on_delete:  # kvm_mmu_zap_all_fast()
+            self.mmio_sptes.clear()
+        # Otherwise kvm_unmap_gfn_range() of the slot's gfns, whose tdp_mmu_zap_leafs() skips
+        # MMIO SPTEs (not shadow-present): cached ones outlive the deletion, stale by generation.
         self.memslot_gen += 1
         return OK
 
