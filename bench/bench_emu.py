@@ -33,6 +33,7 @@ from kvmpy.backend.emu.x86.fakevm import (
     asm,
     build_low_memory,
     long_mode_sregs,
+    start_in_long_mode,
 )
 from kvmpy.memory import SharedMemory
 from kvmpy.system import Kvm
@@ -261,12 +262,7 @@ def test_vm_and_vcpu_setup(benchmark: Any) -> None:
         low = SharedMemory(kvm.backend, LOW_SIZE)
         low.mapping.write(CODE, code)
         vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
-        v = vm.create_vcpu(0)
-        v.set_cpuid2(kvm.get_supported_cpuid())
-        v.set_sregs(long_mode_sregs())
-        r = kvm_regs()
-        r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
-        v.set_regs(r)
+        start_in_long_mode(kvm, vm.create_vcpu(0))
         vm.close()
         low.close()
         kvm.close()

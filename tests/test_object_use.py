@@ -170,13 +170,12 @@ def test_run_exits_are_the_dataclasses_they_stand_for() -> None:
     from kvmpy.backend.emu.x86.fakevm import (
         CODE,
         LOW_SIZE,
-        STACK_TOP,
         asm,
         build_low_memory,
-        long_mode_sregs,
+        start_in_long_mode,
     )
     from kvmpy.memory import SharedMemory
-    from kvmpy.uapi import ExitReason, IoDirection, kvm_regs
+    from kvmpy.uapi import ExitReason, IoDirection
     from kvmpy.vcpu import Exit, IoExit
 
     with Kvm(make_backend("emu")) as k, k.create_vm() as vm, \
@@ -185,11 +184,7 @@ def test_run_exits_are_the_dataclasses_they_stand_for() -> None:
                                           "in ax, dx\nhlt", CODE))
         vm.set_user_memory_region(0, 0, 0, LOW_SIZE, low.addr)
         v = vm.create_vcpu(0)
-        v.set_cpuid2(k.get_supported_cpuid())
-        v.set_sregs(long_mode_sregs())
-        r = kvm_regs()
-        r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 2
-        v.set_regs(r)
+        start_in_long_mode(k, v)
         seen = []
         for want in (IoDirection.OUT, IoDirection.IN):
             ex = v.run()

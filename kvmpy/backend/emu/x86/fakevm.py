@@ -209,6 +209,16 @@ def long_mode_sregs(idt_limit: int = 0xFFF) -> kvm_sregs:
     return s
 
 
+def start_in_long_mode(kvm: Any, vcpu: Any, rip: int = CODE, rsp: int = STACK_TOP) -> None:
+    """Put a kvmpy Vcpu of ``kvm`` where the hand-assembled guests start: the supported CPUID,
+    long_mode_sregs(), RIP and RSP, RFLAGS 2 (bit 1 is reserved, always set)."""
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    vcpu.set_sregs(long_mode_sregs())
+    r = kvm_regs()
+    r.rip, r.rsp, r.rflags = rip, rsp, 2
+    vcpu.set_regs(r)
+
+
 class VcpuHarness:
     """An EmuVcpu with its kvm_run in a memfd, driven through its ioctl entry point."""
 
