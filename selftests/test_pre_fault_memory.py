@@ -36,7 +36,7 @@ from kvmpy.testing.errnos import (
     memslot_accepts_guest_memfd,
     supported_attributes,
 )
-from kvmpy.testing.known_issues import known_issue
+from kvmpy.testing.known_issues import hang_budget
 from kvmpy.testing.require import require_cap, skip_missing, where
 from kvmpy.uapi import PAGE_SIZE, Cap, MemoryAttribute, kvm_pre_fault_memory
 from kvmpy.vcpu import Vcpu
@@ -52,7 +52,6 @@ U64 = 2**64
 # A pre-fault call racing a memslot deletion must return (api.rst 4.143: EAGAIN while the slot is
 # going away); past this budget the watchdog interrupts it with a signal and the test fails.
 RACE_CALL_BUDGET = 10.0
-KNOWN_DEADLOCK_BUDGET = 3.0  # a known bug here (non-strict xfail): the watchdog only confirms it
 
 
 def _max_gpa_bits(kvm: Kvm) -> int:
@@ -220,7 +219,7 @@ def test_pre_fault_memory(kvm: Kvm, vm_type: int, variant: str, placement: str,
     then the guest reads every page of the slot and reaches UCALL_DONE (pre_fault_memory_test.c,
     newest upstream)."""
     s = Setup(kvm, vm_type, variant, placement)
-    budget = KNOWN_DEADLOCK_BUDGET if known_issue(request.node.nodeid, kvm.backend.name) else RACE_CALL_BUDGET
+    budget = hang_budget(request, kvm, RACE_CALL_BUDGET)  # before 6.18: the known deadlock
     try:
         _pre_fault_racing(s, 0, M2, 0, budget)
         _pre_fault_racing(s, M2, 2 * P, P, budget)

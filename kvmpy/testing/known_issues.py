@@ -120,3 +120,17 @@ def known_issue(nodeid: str, backend: str, release: str | None = None) -> KnownI
         if version < issue.fixed_in and fnmatch.fnmatchcase(nodeid, issue.nodeid):
             return issue
     return None
+
+
+#: How long a test waits for a hang that a known bug of this kernel makes expected. The test is
+#: a non-strict xfail there, so a longer wait cannot turn its result into a pass or a failure; it
+#: only confirms the hang. Fixed kernels keep the test's own budget.
+KNOWN_HANG_BUDGET = 1.5
+
+
+def hang_budget(request: pytest.FixtureRequest, kvm: Kvm, budget: float) -> float:
+    """``budget``, or :data:`KNOWN_HANG_BUDGET` when known_issue() expects this test to hang on
+    this kernel and backend."""
+    if known_issue(request.node.nodeid, kvm.backend.name):
+        return min(budget, KNOWN_HANG_BUDGET)
+    return budget
