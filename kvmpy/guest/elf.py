@@ -27,7 +27,7 @@ class Segment:
 class GuestImage:
     """A static guest ELF: segments, symbols (functions and objects) and the entry point."""
 
-    _loaded: dict[tuple[str, int, int, int], GuestImage] = {}
+    _loaded: dict[tuple[int, int, int, int], GuestImage] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> GuestImage:
@@ -35,7 +35,7 @@ class GuestImage:
         is unchanged. Treat it as read-only: it is shared."""
         p = Path(path)
         st = p.stat()
-        key = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # no resolve(): a stat a part
         img = cls._loaded.get(key)
         if img is None:
             img = cls._loaded[key] = cls(p)

@@ -8,6 +8,8 @@ uses (vcpu_init_sregs(), tools/testing/selftests/kvm/lib/x86/processor.c).
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Callable
 
 from ..uapi import kvm_segment, kvm_sregs
@@ -131,9 +133,14 @@ class PageTables:
             pt = self._next(pd, i2, gva, "PD")
             first = (gva >> 12) & 511
             n = min(512 - first, (end - gva) // PAGE_SIZE)
-            # One write per page table: cheap even for large ranges.
-            entries = [gpa + i * PAGE_SIZE | flags for i in range(n)]
-            struct.pack_into(f"<{n}Q", self.mem, self._off(pt, first), *entries)
+            # One write per page table, built in C: gpa is page-aligned and below bit 52, so
+            # (gpa + i * 4K) | flags == (gpa | flags) + i * 4K.
+            first_entry = gpa | flags
+            entries = array("Q", range(first_entry, first_entry + n * PAGE_SIZE, PAGE_SIZE))
+            if sys.byteorder != "little":
+                entries.byteswap()
+            off = self._off(pt, first)
+            self.mem[off: off + 8 * n] = entries.tobytes()
             gva += n * PAGE_SIZE
             gpa += n * PAGE_SIZE
 
