@@ -153,3 +153,16 @@ def test_build_and_load_are_remembered_until_an_input_changes(cache: Path, tmp_p
     st = elf2.stat()
     os.utime(elf2, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # same path, touched
     assert GuestImage.load(elf2) is not img2
+
+
+def test_a_header_added_to_the_guest_library_is_an_input(cache: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """build() keeps its listing of guests/lib and guests/include only while those directories
+    are unchanged: a header added there is one more input (a new ELF), not a stale answer."""
+    root = tmp_path / "guests"
+    shutil.copytree(guests_dir(), root)
+    monkeypatch.setenv("KVMPY_GUESTS_DIR", str(root))
+    elf = build("smoke")
+    assert build("smoke") == elf
+    (root / "include" / "zz_extra.h").write_text("/* a new header */\n")
+    assert build("smoke") != elf
