@@ -212,6 +212,11 @@ class Vm(FdObject):
             self.backend.close(fd)
         return err
 
+    @property
+    def guest_memfds(self) -> tuple[GuestMemfd, ...]:
+        """The guest_memfds closed with this VM (created here and not disowned)."""
+        return tuple(self._gmems)
+
     def disown(self, gmem: GuestMemfd) -> GuestMemfd:
         """Stop closing ``gmem`` with this VM (to test that a guest_memfd outlives its VM fd)."""
         if gmem in self._gmems:

@@ -3,7 +3,8 @@
 * ``vm_type`` is parametrized over the VM types a case can run on (ids ``default``,
   ``sw_protected``, plus whatever else the real /dev/kvm offers); a type the backend does not offer
   in KVM_CAP_VM_TYPES skips, naming the capability and its value.
-* ``vm`` is one VM of that type; ``make_vm`` creates more of the same type.
+* ``vm`` is one VM of that type; ``make_vm`` creates more of the same type; ``shared_gmem_vm``
+  is one VM of that type shared by a module's API-level guest_memfd cases.
 * ``gmem_flags`` is parametrized over the flag sets guest_memfd_test covers (ids ``noflags``,
   ``mmap``, ``mmap_init_shared``); a set the VM does not offer in KVM_CAP_GUEST_MEMFD_FLAGS skips.
 * Every test module is wrapped in an fd-leak check: fds opened during the module and still open
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.backend import Backend
 from kvmpy.backend.select import kvm_available
+from kvmpy.errors import KvmUnavailable
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import valid_gmem_flags
 from kvmpy.testing.plugin import SESSION_FDS
@@ -101,12 +104,59 @@ def vm(make_vm: Callable[[], Vm]) -> Vm:
 
 
 @pytest.fixture
-def gmem_vm(vm: Vm) -> Vm:
-    """A VM on which KVM_CREATE_GUEST_MEMFD is offered (KVM_CAP_GUEST_MEMFD on the VM fd)."""
+def gmem_vm(request: pytest.FixtureRequest, backend: Backend, vm_type: int) -> Vm:
+    """A VM on which KVM_CREATE_GUEST_MEMFD is offered (KVM_CAP_GUEST_MEMFD on the VM fd): the
+    module's ``shared_gmem_vm`` where the module sets SHARED_GMEM_VM = True, else a new ``vm``.
+    (``backend`` and ``vm_type`` are named so that they parametrize the case.)"""
+    if getattr(request.module, "SHARED_GMEM_VM", False):
+        shared: Vm = request.getfixturevalue("shared_gmem_vm")
+        return shared
+    vm: Vm = request.getfixturevalue("vm")
     val = vm.check_extension(Cap.GUEST_MEMFD)
     if not val:
         pytest.skip(f"KVM_CAP_GUEST_MEMFD={val:#x} on {where(vm)}")
     return vm
+
+
+class _ModuleVms:
+    """A module's own Kvm on the backend and one VM per VM type on it (shared_gmem_vm)."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.vms: dict[int, Vm] = {}
+
+
+@pytest.fixture(scope="module")
+def _module_vms(backend: Backend) -> Iterator[_ModuleVms]:
+    try:
+        k = Kvm(backend)
+    except KvmUnavailable as e:
+        pytest.skip(str(e))
+    with k:
+        yield _ModuleVms(k)
+
+
+@pytest.fixture
+def shared_gmem_vm(_module_vms: _ModuleVms, vm_type: int) -> Iterator[Vm]:
+    """A VM of the parametrized type on which KVM_CREATE_GUEST_MEMFD is offered, shared by the
+    module's cases, as guest_memfd_test.c runs all its cases on one VM per type (a VM's close
+    costs ~6 ms in a TCG VM, mostly an RCU wait, issue 15). For cases that only create
+    guest_memfds on it: those are closed after each case, and a case that leaves the VM closed
+    or with memslots or vCPUs gets it replaced for the next one."""
+    kvm = _module_vms.kvm
+    require_offered_vm_type(kvm, vm_type)
+    vm = _module_vms.vms.get(vm_type)
+    if vm is None:
+        vm = _module_vms.vms[vm_type] = kvm.create_vm(vm_type)
+    val = vm.check_extension(Cap.GUEST_MEMFD)
+    if not val:
+        pytest.skip(f"KVM_CAP_GUEST_MEMFD={val:#x} on {where(vm)}")
+    yield vm
+    for g in vm.guest_memfds:
+        vm.disown(g).close()
+    if vm.closed or vm.memslots or vm.vcpus:
+        vm.close()
+        del _module_vms.vms[vm_type]
 
 
 # --- guest_memfd flag sets --------------------------------------------------------------------

@@ -55,6 +55,8 @@ TOTAL = 4 * P
 MMAP = int(GuestMemfdFlag.MMAP)
 INIT_SHARED = int(GuestMemfdFlag.INIT_SHARED)
 FLAG_IDS = {0: "noflags", MMAP: "mmap", MMAP | INIT_SHARED: "mmap_init_shared"}
+#: One VM per VM type for the module's cases (selftests/conftest.py shared_gmem_vm).
+SHARED_GMEM_VM = True
 GUEST_MEMFD_MAGIC = 0x474D454D   # include/uapi/linux/magic.h
 ANON_INODE_FS_MAGIC = 0x09041934  # include/uapi/linux/magic.h
 PROT_EXEC = 0x4

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,10 @@ def only(*sets: int) -> pytest.MarkDecorator:
 
 
 FLAG_IDS = {0: "noflags", MMAP: "mmap", MMAP | INIT_SHARED: "mmap_init_shared"}
+
+#: One VM per VM type for the module's gmem_vm cases, as guest_memfd_test.c has; each case makes
+#: its own guest_memfds (closed after it). selftests/conftest.py shared_gmem_vm.
+SHARED_GMEM_VM = True
 
 
 # --- creation --------------------------------------------------------------------------------
@@ -389,12 +394,14 @@ def test_numa_allocation(gmem_vm: Vm, gmem_flags_offered: int) -> None:
 
 # --- lifetime and scale (beyond upstream) ------------------------------------------------------
 
-def test_outlives_vm_fd_while_bound(kvm: Kvm, gmem_vm: Vm, gmem_flags_offered: int) -> None:
+def test_outlives_vm_fd_while_bound(kvm: Kvm, make_vm: Callable[[], Vm],
+                                    gmem_flags_offered: int) -> None:
     """A guest_memfd keeps its VM alive: with the VM fd closed and a range still bound to a
     memslot, fallocate and punch-hole keep working and mapped data persists (api.rst 4.142: the
     file holds a reference to the VM; private_mem_conversions_test does fallocate after
     kvm_vm_free)."""
     flags = gmem_flags_offered
+    gmem_vm = make_vm()  # its own VM: the case closes it
     g = gmem_vm.create_guest_memfd(TOTAL, flags)
     shared = SharedMemory(kvm.backend, TOTAL)
     try:
