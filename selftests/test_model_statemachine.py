@@ -11,9 +11,10 @@ A failing sequence is shrunk by hypothesis (on the emulated KVM; on real KVM wit
 KVMPY_MODEL_SHRINK=1), and the failure carries the sequence as a ready-to-paste pytest test
 (kvmpy.model.repro.format_reproducer), as a note on the exception.
 
-Budget: time, not a count (kvmpy.model.machine.run_machine): KVMPY_MODEL_BUDGET seconds
-(default 15) per (backend, VM type), capped at a third of the per-test timeout, so real KVM in
-a TCG VM (~10x slower) runs fewer examples rather than running into the timeout; examples of at
+Budget: time, not a count (kvmpy.model.machine.run_machine), declared per backend
+(machine.BUDGETS: 10 s on real KVM, 15 s on the emulated KVM; KVMPY_MODEL_BUDGET sets both) for
+each VM type, capped at a third of the per-test timeout, so real KVM in a TCG VM (~10x slower)
+runs fewer examples rather than running into the timeout; examples of at
 most KVMPY_MODEL_STEPS steps (default 40), seeded 0, 1, 2, ... unless KVMPY_MODEL_RANDOM=1.
 KVMPY_MODEL_EXAMPLES=N runs exactly N examples instead. The test prints how many examples ran
 and what they covered.
@@ -57,7 +58,7 @@ def test_model_statemachine(kvm: Kvm, vm_type: VmType, request: pytest.FixtureRe
 
     stats: Counter[str] = Counter()
     timeout = per_test_timeout(request)
-    budget = model_budget(timeout)
+    budget = model_budget(timeout, kvm.backend.name)
 
     def reached_memory() -> bool:
         # A guest write that reached memory counts too: the harness compares every host mapping

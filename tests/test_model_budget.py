@@ -31,10 +31,32 @@ def test_budget_bounds_the_run_and_reports_coverage(kvm: Kvm) -> None:
     assert "budget" in run.stopped or "all" in run.stopped
 
 
-def test_budget_is_a_third_of_the_per_test_timeout() -> None:
-    assert machine.model_budget(60) == min(machine.BUDGET, 20)
-    assert machine.model_budget(12) == 4
-    assert machine.model_budget(None) == machine.BUDGET
+def test_budget_is_declared_per_backend_and_a_third_of_the_per_test_timeout() -> None:
+    for backend in ("kvm", "emu"):
+        budget = machine.backend_budget(backend)
+        assert budget == machine.BUDGETS[backend] or machine._BUDGET_ENV
+        assert machine.model_budget(60, backend) == min(budget, 20)
+        assert machine.model_budget(12, backend) == min(budget, 4)
+        assert machine.model_budget(None, backend) == budget
+
+
+def test_a_run_stays_near_its_budget(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks fit half of what is left of the budget: when later examples cost more than the
+    ones measured so far (longer sequences, a loaded host), the run still ends near its budget.
+    A fake clock; each example costs 0.1 s more than the one before."""
+    clock = [0.0]
+    ran: list[int] = []
+
+    def fake_run(factory: object, settings: object) -> None:
+        n = settings.max_examples  # type: ignore[attr-defined]
+        for _ in range(n):
+            clock[0] += 0.1 * (len(ran) + 1)
+            ran.append(n)
+
+    monkeypatch.setattr(machine, "run_state_machine_as_test", fake_run)
+    monkeypatch.setattr(machine.time, "monotonic", lambda: clock[0])
+    run = machine.run_machine(kvm, VmType.DEFAULT, Counter(), budget=10.0)
+    assert run.examples == len(ran) >= 8 and run.seconds <= 10.0 * 1.25, (run, ran)
 
 
 def test_failure_found_after_the_deadline_is_reported(kvm: Kvm,
