@@ -358,6 +358,9 @@ def prewarm_bytecode(python: str, repo: Path | None, trace: Path,
     # there. Collecting through plain pytest left 54 modules for the guest to compile (~1.5 s).
     steps = [["-c", code],
              ["-m", "kvmpy", "run", "--backend", "kvm", "-n", "1", "--collect-only", "-q"]]
+    # ... and the same modules inside that session too: their assertion-rewritten bytecode
+    # (kvmpy.testing.plugin pytest_collection_finish).
+    env["KVMPY_PREWARM_IMPORTS"] = ",".join(warm)
     for i, step in enumerate(steps):
         # Each step also records what it opens (TRACE_OPENS), for the guest's RAM root.
         cmd = [python, "-c", TRACE_OPENS, str(trace.with_suffix(f".{i}.json")), *step]

@@ -9,6 +9,7 @@ Test ids end in [kvm] or [emu]; the report header names the backend(s) and kerne
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 from collections.abc import Generator, Iterator
@@ -184,3 +185,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # Which machine: results merged from several (pytest-xdist --tx ssh=HOST ...,
             # --dist each) still name each case's host (docs/running.md).
             item.user_properties.append(("host", platform.node()))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """KVMPY_PREWARM_IMPORTS=mod,mod: import these once collection is done, for `kvmpy vm`'s
+    bytecode prewarm. They are what tests import later (hypothesis with the model): pytest
+    assertion-rewrites every module of a plugin distribution (hypothesis has a pytest11 entry
+    point), so their rewritten bytecode exists only if imported in a session; in a 7.3 TCG VM
+    rewriting hypothesis's 77 modules took ~8 s of the first model test."""
+    for name in filter(None, os.environ.get("KVMPY_PREWARM_IMPORTS", "").split(",")):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
