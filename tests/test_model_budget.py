@@ -59,6 +59,23 @@ def test_a_run_stays_near_its_budget(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) 
     assert run.examples == len(ran) >= 8 and run.seconds <= 10.0 * 1.25, (run, ran)
 
 
+def test_a_slow_first_chunk_does_not_end_the_run(kvm: Kvm,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first chunk carries the process's warm-up: its 3 s per example must not stand for
+    the 0.1 s ones after it (a fake clock)."""
+    clock = [0.0]
+    chunks: list[int] = []
+
+    def fake_run(factory: object, settings: object) -> None:
+        chunks.append(settings.max_examples)  # type: ignore[attr-defined]
+        clock[0] += chunks[-1] * (3.0 if len(chunks) == 1 else 0.1)
+
+    monkeypatch.setattr(machine, "run_state_machine_as_test", fake_run)
+    monkeypatch.setattr(machine.time, "monotonic", lambda: clock[0])
+    run = machine.run_machine(kvm, VmType.DEFAULT, Counter(), budget=10.0)
+    assert run.examples >= 20 and run.seconds <= 10.0 * 1.25, (run, chunks)
+
+
 def test_failure_found_after_the_deadline_is_reported(kvm: Kvm,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A sequence that fails is reported (not swallowed by the budget's rejections), even
