@@ -23,10 +23,9 @@ import pytest
 
 from kvmpy.backend import Backend
 from kvmpy.backend.select import kvm_available
-from kvmpy.errors import KvmUnavailable
 from kvmpy.system import Kvm
 from kvmpy.testing.errnos import valid_gmem_flags
-from kvmpy.testing.plugin import SESSION_FDS
+from kvmpy.testing.plugin import SESSION_FDS, open_kvm
 from kvmpy.testing.require import skip_missing, where
 from kvmpy.uapi import Cap, GuestMemfdFlag, VmType
 from kvmpy.vm import Vm
@@ -128,11 +127,7 @@ class _ModuleVms:
 
 @pytest.fixture(scope="module")
 def _module_vms(backend: Backend) -> Iterator[_ModuleVms]:
-    try:
-        k = Kvm(backend)
-    except KvmUnavailable as e:
-        pytest.skip(str(e))
-    with k:
+    with open_kvm(backend) as k:
         yield _ModuleVms(k)
 
 

@@ -112,14 +112,19 @@ def backend(backend_name: str, request: pytest.FixtureRequest) -> Backend:
         pytest.skip(str(e))
 
 
+def open_kvm(backend: Backend) -> Kvm:
+    """/dev/kvm (or its emulated equivalent) on ``backend``; skips the test if it cannot be
+    opened."""
+    try:
+        return Kvm(backend)
+    except KvmUnavailable as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture
 def kvm(backend: Backend) -> Iterator[Kvm]:
     """An open /dev/kvm (or emulated equivalent); closes everything created from it."""
-    try:
-        k = Kvm(backend)
-    except KvmUnavailable as e:
-        pytest.skip(str(e))
-    with k:
+    with open_kvm(backend) as k:
         yield k
 
 
